@@ -1,0 +1,46 @@
+# chainrule — `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train sample test test-full lint format bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install chainrule with its dev tools
+
+train: $(STAMP)  ## train the default experiment (char-level Transformer on Shakespeare); ARGS="key=value ..."
+	$(PY) train.py $(ARGS)
+
+sample: $(STAMP)  ## sample from a run: make sample ARGS="checkpoint=outputs/... prompt=ROMEO:"
+	$(PY) sample.py $(ARGS)
+
+test: $(STAMP)  ## fast test suite (a few minutes on 2 CPU cores)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)
+
+test-full: $(STAMP)  ## every test, the slow ones included
+	$(PY) -m pytest -q -n 2 --dist loadfile -m '' $(ARGS)
+
+lint: $(STAMP)  ## ruff checks
+	$(VENV)/bin/ruff check src tests bench train.py sample.py
+
+format: $(STAMP)  ## ruff format + import sorting
+	$(VENV)/bin/ruff check --fix --select I src tests bench train.py sample.py
+	$(VENV)/bin/ruff format src tests bench train.py sample.py
+
+bench: $(STAMP)  ## run the benchmarks in bench/ (prints figures, writes bench/results/)
+	$(PY) bench/run_all.py $(ARGS)
+
+clean:  ## remove the venv, run outputs and caches
+	rm -rf $(VENV) outputs multirun wandb .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

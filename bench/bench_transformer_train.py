@@ -1,0 +1,111 @@
+"""Train throughput (tokens/s) of the nanoGPT CPU "baby" shape, and the 2000-iteration recipe.
+
+    python bench/bench_transformer_train.py            # throughput only (about a minute)
+    python bench/bench_transformer_train.py --recipe   # + experiment=shakespeare_char_cpu
+
+Shape: 4 layers, 4 heads, 128 wide, block 64, batch 12, vocab 65. Compared in the same run:
+chainrule's train step (flat state through `jax.jit`, donated) against the straightforward
+`nnx.jit` step over the model and optimizer objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, save, timed  # noqa: E402
+
+from chainrule.config import OptimizerConfig  # noqa: E402
+from chainrule.models import TransformerConfig, TransformerNetworkConfig, build_model  # noqa: E402
+from chainrule.training.optim import build_optimizer  # noqa: E402
+from chainrule.training.steps import Steps  # noqa: E402
+
+BATCH, BLOCK, VOCAB, STEPS_PER_TIMING = 12, 64, 65, 20
+
+
+def baby():
+    net = TransformerNetworkConfig(embed_dim=128, num_heads=4, dropout_rate=0.0,
+                                   positional_encoding="learned")
+    cfg = TransformerConfig(vocab_size=VOCAB, sequence_length=BLOCK, network=net, num_layers=4)
+    return build_model(cfg, rngs=nnx.Rngs(0))
+
+
+def throughput() -> dict:
+    batches = [{"sequences": jax.random.randint(jax.random.key(i), (BATCH, BLOCK + 1), 0, VOCAB)}
+               for i in range(STEPS_PER_TIMING)]
+    tx = build_optimizer(OptimizerConfig(), 2000)[0]
+
+    model = baby()
+    graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+    steps = Steps(graphdef, jax.random.key(0))
+    box = {"state": state, "totals": steps.zero_totals(state, batches[0])}
+
+    def run_ours():
+        for i, b in enumerate(batches):
+            box["state"], box["totals"] = steps.train_step(box["state"], box["totals"], b,
+                                                           jnp.int32(i))
+        return box["totals"]
+
+    model2 = baby()
+    opt2 = nnx.Optimizer(model2, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def nnx_step(model, optimizer, batch):
+        loss, grads = nnx.value_and_grad(lambda m: m.train_loss(batch)["loss"])(model)
+        optimizer.update(model, grads)
+        return loss
+
+    def run_nnx():
+        for b in batches:
+            loss = nnx_step(model2, opt2, b)
+        return loss
+
+    tokens = BATCH * BLOCK * STEPS_PER_TIMING
+    ours, ours_all = timed(run_ours, repeats=5)
+    ref, ref_all = timed(run_nnx, repeats=5)
+    out = {
+        "shape": "4 layers, 4 heads, 128 wide, block 64, batch 12, vocab 65",
+        "tokens_per_s": tokens / ours, "ms_per_step": ours / STEPS_PER_TIMING * 1e3,
+        "nnx_jit_tokens_per_s": tokens / ref, "nnx_jit_ms_per_step": ref / STEPS_PER_TIMING * 1e3,
+        "repeats_s": ours_all, "nnx_jit_repeats_s": ref_all,
+    }
+    print(f"[{machine()}]")
+    print(f"chainrule step: {out['tokens_per_s']:,.0f} tokens/s ({out['ms_per_step']:.1f} ms/step)"
+          f"   nnx.jit step: {out['nnx_jit_tokens_per_s']:,.0f} tokens/s "
+          f"({out['nnx_jit_ms_per_step']:.1f} ms/step)   (median of 5 x {STEPS_PER_TIMING} steps)")
+    return out
+
+
+def recipe() -> dict:
+    """Run experiment=shakespeare_char_cpu end to end; report val loss and wall time."""
+    root = Path(__file__).resolve().parents[1]
+    run_dir = root / "outputs" / "bench" / f"shakespeare_char_cpu-{int(time.time())}"
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "train.py", "experiment=shakespeare_char_cpu",
+                    "logger=none", f"hydra.run.dir={run_dir}"], cwd=root, check=True)
+    wall = time.perf_counter() - t
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    print(f"shakespeare_char_cpu: val loss {metrics['val_loss']:.4f} nats/char after "
+          f"{metrics['final_step']} steps, {wall:.0f} s wall (training {metrics['wall_time_s']:.0f} s)")
+    return {"val_loss": metrics["val_loss"], "wall_s": wall, "train_s": metrics["wall_time_s"],
+            "run_dir": str(run_dir)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", action="store_true", help="also run the 2000-step recipe")
+    args = parser.parse_args()
+    results = {"throughput": throughput()}
+    if args.recipe:
+        results["recipe"] = recipe()
+    save("transformer_train", results)

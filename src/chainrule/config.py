@@ -1,0 +1,181 @@
+"""Run configuration: dataclasses that are both the Python API and Hydra's structured configs.
+
+Every config group (model, data, optimizer, sampler, hardware, logger) is a dataclass with
+defaults; `register_configs()` stores each as `<group>/<name>_schema` in Hydra's ConfigStore and
+the YAML files in conf/ extend those schemas. So a misspelled key or a wrong type fails at
+composition, before anything is built, and `resolve(cfg)` turns the composed DictConfig back
+into the dataclasses (running each `__post_init__` check) — the same objects a Python user
+builds by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
+SCHEDULES = ("constant", "cosine", "transformer", "linear")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """optax optimizer, learning-rate schedule and gradient clipping.
+
+    Schedules: `constant`; `cosine` (linear warmup, cosine decay to `min_learning_rate` at
+    `decay_steps`, default the run's length); `linear` (warmup, linear decay); `transformer`
+    (Vaswani et al.: learning_rate * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)).
+    Weight decay applies to matrices only, never to norms or biases.
+    """
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    min_learning_rate: float = 1e-4
+    d_model: int = 512  # only for the `transformer` schedule
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9  # sgd
+    grad_clip_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, f"optimizer.name={self.name!r}; expected one of {OPTIMIZERS}")
+        _check(self.schedule in SCHEDULES,
+               f"optimizer.schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        _check(self.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
+        _check(self.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.grad_clip_norm is None or self.grad_clip_norm > 0,
+               f"optimizer.grad_clip_norm must be > 0 or null, got {self.grad_clip_norm}")
+        _check(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclasses.dataclass
+class SamplerConfig:
+    """How samples are drawn (train-time previews and sample.py). temperature 0 = greedy."""
+
+    name: str = "top_p"
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = 0.9
+    num_samples: int = 4
+    max_length: int | None = None  # tokens (prompt included); None = the model's context
+
+    def __post_init__(self) -> None:
+        _check(self.temperature >= 0, f"sampler.temperature must be >= 0, got {self.temperature}")
+        _check(self.top_k is None or self.top_k >= 0, f"sampler.top_k must be >= 0, got {self.top_k}")
+        _check(self.top_p is None or 0 < self.top_p <= 1,
+               f"sampler.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.num_samples > 0, f"sampler.num_samples must be > 0, got {self.num_samples}")
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
+
+@dataclasses.dataclass
+class HardwareConfig:
+    """Where a run executes. `platform` must be what JAX finds (cpu, gpu, tpu)."""
+
+    name: str = "cpu"
+    platform: str = "cpu"
+
+    def __post_init__(self) -> None:
+        _check(self.platform in ("cpu", "gpu", "tpu"),
+               f"hardware.platform={self.platform!r}; expected cpu, gpu or tpu")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """The training loop's schedule of work."""
+
+    steps: int = 2000
+    log_every: int = 50
+    eval_every: int = 250
+    sample_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(self, name) > 0, f"trainer.{name} must be > 0, got {getattr(self, name)}")
+        _check(self.sample_every >= 0, f"trainer.sample_every must be >= 0, got {self.sample_every}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run needs; conf/train.yaml composes it."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    hardware: HardwareConfig = dataclasses.field(default_factory=HardwareConfig)
+    logger: Any = MISSING
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    seed: int = 0
+    resume: bool = True  # continue from the run directory's latest checkpoint, if any
+    experiment: str | None = None  # set by experiment presets, recorded with the run
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """sample.py: draw from a trained run."""
+
+    checkpoint: str = MISSING  # a run directory (or its checkpoints/ folder)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    prompt: str | None = None
+    step: int | None = None  # None = the best checkpoint if there is one, else the latest
+    seed: int = 0
+    output: str | None = None  # default: <run dir>/samples/
+
+
+def _schemas() -> dict[str, dict[str, type]]:
+    from chainrule.data.audio import AudioDataConfig
+    from chainrule.data.images import ImageDataConfig
+    from chainrule.data.text import TextDataConfig
+    from chainrule.models import PixelCNNConfig, TransformerConfig, WaveNetConfig
+    from chainrule.tracking import LoggerConfig
+
+    return {
+        "model": {"transformer": TransformerConfig, "pixelcnn": PixelCNNConfig,
+                  "wavenet": WaveNetConfig},
+        "data": {"text": TextDataConfig, "image": ImageDataConfig, "audio": AudioDataConfig},
+        "optimizer": {"optimizer": OptimizerConfig},
+        "sampler": {"sampler": SamplerConfig},
+        "hardware": {"hardware": HardwareConfig},
+        "logger": {"logger": LoggerConfig},
+        "trainer": {"trainer": TrainerConfig},
+    }
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="sample_schema", node=SampleConfig)
+    for group, schemas in _schemas().items():
+        for name, node in schemas.items():
+            cs.store(group=group, name=f"{name}_schema", node=node)
+
+
+def to_object(node: Any) -> Any:
+    """A composed config node back to its dataclass, with every __post_init__ check run."""
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_object(node)
+    return node
+
+
+def resolve(cfg: DictConfig) -> TrainConfig:
+    """The composed training config as dataclasses (raises ValueError on bad values)."""
+    return to_object(cfg)

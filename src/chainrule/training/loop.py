@@ -1,0 +1,239 @@
+"""The training loop: data -> model -> compiled steps -> logs, evals, samples, checkpoints.
+
+It knows no model family: models speak the protocol of `chainrule.models.base`, data
+pipelines return a `DataBundle`, and everything family-specific (what a sample looks like,
+which extra metrics make sense) comes from those two.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from chainrule.checkpoint import Checkpointer
+from chainrule.config import HardwareConfig, TrainConfig
+from chainrule.data.base import DataBundle, build_data
+from chainrule.models import AutoregressiveModel, build_model, family_name
+from chainrule.tracking import Tracker
+from chainrule.training.optim import build_optimizer
+from chainrule.training.steps import Steps, stack_batches
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, ...); the last good checkpoint is kept."""
+
+
+def check_hardware(hardware: HardwareConfig) -> None:
+    """Fail at start-up, with what was found, when the asked-for platform is not there."""
+    found = jax.default_backend()
+    if found != hardware.platform:
+        devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
+        raise ValueError(f"hardware={hardware.name} asks for platform '{hardware.platform}' but "
+                         f"JAX found '{found}' ({jax.device_count()} device(s): {devices})")
+
+
+def apply_data_overrides(model_config: Any, overrides: dict[str, Any]) -> Any:
+    """Fill model fields the data decides (vocab size, image shape); refuse contradictions."""
+    changes = {}
+    for name, value in overrides.items():
+        if not hasattr(model_config, name):
+            continue
+        current = getattr(model_config, name)
+        if isinstance(current, list | tuple):
+            current = tuple(current)
+            value = tuple(value)
+        if current is None:
+            changes[name] = value
+        elif name == "vocab_size" and current < value:
+            raise ValueError(f"model.vocab_size={current} is smaller than the data's vocabulary "
+                             f"({value} tokens): token ids would be out of range; remove the "
+                             f"override or set model.vocab_size >= {value}")
+        elif name != "vocab_size" and current != value:
+            raise ValueError(f"model.{name}={current} does not match the data ({value}); remove "
+                             f"the override or set model.{name}={value}")
+    return dataclasses.replace(model_config, **changes) if changes else model_config
+
+
+def build_run(cfg: TrainConfig, run_dir: Path | None):
+    """Data, model and optimizer for a config: everything but the loop (sample.py reuses it)."""
+    data = build_data(cfg.data, run_dir=run_dir, process_index=jax.process_index(),
+                      process_count=jax.process_count())
+    model_config = apply_data_overrides(cfg.model, data.model_overrides)
+    model = build_model(model_config, rngs=nnx.Rngs(params=cfg.seed))
+    return data, model_config, model
+
+
+def summarise(totals: dict[str, float], scales: dict[str, float]) -> dict[str, float]:
+    """Means of summed metrics; perplexity from the mean loss; per-unit bits from the scales."""
+    count = max(totals.pop("count", 1.0), 1.0)
+    means = {k: v / count for k, v in totals.items()}
+    return derived_metrics(means, scales)
+
+
+def derived_metrics(means: dict[str, float], scales: dict[str, float]) -> dict[str, float]:
+    out = dict(means)
+    if "perplexity" in out and "nll_loss" in out:
+        out["perplexity"] = math.exp(min(out["nll_loss"], 700.0))
+    for name, scale in scales.items():
+        if "nll_loss" in out:
+            out[name] = out["nll_loss"] / math.log(2.0) * scale
+    return out
+
+
+def _host(tree) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def generate_samples(model: AutoregressiveModel, data: DataBundle, sampler, key) -> list:
+    """Draw `sampler.num_samples` samples and decode them for people."""
+    kwargs = sampler.kwargs()
+    if sampler.max_length is not None:
+        kwargs["max_length"] = sampler.max_length
+    samples = model.generate(n_samples=sampler.num_samples, rngs=nnx.Rngs(sample=key), **kwargs)
+    samples = np.asarray(samples)
+    return [data.decode(s) if data.decode else s for s in samples]
+
+
+def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in `run_dir`; returns the final results (also metrics.json)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_hardware(cfg.hardware)
+    trainer = cfg.trainer
+    data, model_config, model = build_run(cfg, run_dir)
+    tx, schedule = build_optimizer(cfg.optimizer, trainer.steps)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    base_key = jax.random.key(cfg.seed)
+    steps = Steps(graphdef, jax.random.fold_in(base_key, 1))
+    family = family_name(model_config)
+
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=trainer.keep_checkpoints,
+                                keep_best=1, best_metric="val_loss")
+    start_step, run_id, best_val = 0, None, math.inf
+    if cfg.resume and checkpointer.latest_step() is not None:
+        restored = checkpointer.restore({"model": state, "key": jax.random.key_data(base_key)})
+        if restored.meta.get("model_family") != family:
+            raise ValueError(f"{run_dir} holds a checkpoint of a {restored.meta.get('model_family')}"
+                             f" model, not {family}: use another run directory")
+        state = restored.state["model"]
+        base_key = jax.random.wrap_key_data(restored.state["key"])
+        data.train.set_state(restored.data_state)
+        start_step = restored.step
+        run_id = restored.meta.get("wandb_run_id")
+        best_val = restored.meta.get("best_val_loss", math.inf)
+        print(f"resuming {run_dir} from step {start_step}")
+
+    n_params = model.num_params()
+    tracker = Tracker(run_dir, config_dict or {}, cfg.logger, run_id=run_id,
+                      is_main_process=jax.process_index() == 0, resume=start_step > 0)
+    val = stack_batches(data.val_batches)
+    scales = data.metric_scales
+    results: dict[str, Any] = {}
+    t_start = time.perf_counter()
+
+    def save(step: int, val_metrics: dict | None, data_state: dict) -> None:
+        meta = {"model_family": family, "wandb_run_id": tracker.run_id,
+                "best_val_loss": best_val, "config": config_dict or {}}
+        metrics = {"val_loss": val_metrics["loss"]} if val_metrics else None
+        checkpointer.save(step, {"model": state, "key": jax.random.key_data(base_key)},
+                          data_state=data_state, meta=meta, metrics=metrics,
+                          force=True)
+
+    def evaluate(step: int) -> dict[str, float]:
+        nonlocal best_val
+        metrics = derived_metrics(_host(steps.evaluate(state, val)), scales)
+        if not math.isfinite(metrics["loss"]):
+            raise TrainingError(f"validation loss is {metrics['loss']} at step {step}")
+        best_val = min(best_val, metrics["loss"])
+        tracker.log({f"val/{k}": v for k, v in metrics.items()}, step)
+        return metrics
+
+    try:
+        batch = next(data.train)
+        totals = steps.zero_totals(state, batch)
+        tokens_per_step = int(np.prod(model.model_inputs(batch).shape))
+        bar = tqdm(total=trainer.steps, initial=start_step, disable=not trainer.progress,
+                   desc=f"train {family}", unit="step", dynamic_ncols=True)
+        last_log_time, last_log_step = time.perf_counter(), start_step
+        val_metrics = None
+        for step in range(start_step + 1, trainer.steps + 1):
+            state, totals = steps.train_step(state, totals, batch, jnp.int32(step))
+            checkpoint_now = step % trainer.checkpoint_every == 0 or step == trainer.steps
+            if checkpoint_now:  # the position before the next batch is what a resume needs
+                data_state = data.train.get_state()
+            batch = next(data.train)  # the host fetches the next batch while the step runs
+            bar.update(1)
+            if step % trainer.log_every == 0 or step == trainer.steps:
+                train_metrics = summarise(_host(totals), scales)
+                totals = jax.tree.map(jnp.zeros_like, totals)
+                if not math.isfinite(train_metrics["loss"]):
+                    raise TrainingError(f"training loss is {train_metrics['loss']} at step "
+                                        f"{step}: stopped; the last good checkpoint is kept")
+                now = time.perf_counter()
+                elapsed = now - last_log_time
+                done = step - last_log_step
+                logged = {f"train/{k}": v for k, v in train_metrics.items()}
+                logged["train/lr"] = float(schedule(step - 1))
+                logged["perf/step_time_s"] = elapsed / done
+                logged["perf/tokens_per_s"] = tokens_per_step * done / elapsed
+                tracker.log(logged, step)
+                bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", refresh=False)
+                last_log_time, last_log_step = now, step
+                results["train_loss"] = train_metrics["loss"]
+                results["tokens_per_s"] = logged["perf/tokens_per_s"]
+            val_metrics = None
+            if step % trainer.eval_every == 0 or step == trainer.steps:
+                val_metrics = evaluate(step)
+                bar.write(f"step {step}: " + ", ".join(
+                    f"val {k} {v:.4f}" for k, v in val_metrics.items()
+                    if k in ("loss", "perplexity", "bits_per_char", "bits_per_dim", "accuracy")))
+            if trainer.sample_every and step % trainer.sample_every == 0 and step < trainer.steps:
+                model_now, _ = nnx.merge(graphdef, state)
+                tracker.log_samples(data.sample_kind, generate_samples(
+                    model_now, data, cfg.sampler, jax.random.fold_in(base_key, -step)), step,
+                    sample_rate=data.info.get("sample_rate"))
+            if checkpoint_now:
+                save(step, val_metrics, data_state)
+        bar.close()
+        checkpointer.wait()
+
+        final_step = max(trainer.steps, start_step)
+        model_now, _ = nnx.merge(graphdef, state)
+        final_val = evaluate(final_step) if val_metrics is None else val_metrics
+        samples = generate_samples(model_now, data, cfg.sampler, jax.random.fold_in(base_key, 2))
+        tracker.log_samples(data.sample_kind, samples, final_step,
+                            sample_rate=data.info.get("sample_rate"))
+        results.update({
+            "model_family": family,
+            "final_step": final_step,
+            "val_loss": final_val["loss"],
+            "best_val_loss": best_val,
+            **{f"val_{k}": v for k, v in final_val.items() if k != "loss"},
+            "num_params": n_params,
+            "num_params_non_embedding": model.num_params(non_embedding=True),
+            "tokens_seen": tokens_per_step * final_step,
+            "wall_time_s": time.perf_counter() - t_start,
+            "run_dir": str(run_dir),
+            "wandb_run_id": tracker.run_id,
+            "experiment": cfg.experiment,
+        })
+        tracker.summary(results)
+        return results
+    finally:
+        checkpointer.close()
+        tracker.finish()
+
+
+def dump_results(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=2, default=str)

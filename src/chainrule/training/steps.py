@@ -1,0 +1,70 @@
+"""Compiled train and eval steps over (model, optimizer) state, for any model family.
+
+The step functions are pure: they take the flat nnx state, merge it with the static graph
+definition inside `jax.jit` (a trace-time cost only) and return the new state. The state is
+donated, so parameters and optimizer moments are updated in place. Metrics are summed on
+device and only fetched when the loop logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class Steps:
+    """train_step(state, totals, batch, step) -> (state, totals); eval(state, val) -> means."""
+
+    def __init__(self, graphdef, base_key: jax.Array):
+        self.graphdef = graphdef
+        self.base_key = base_key
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1))
+        self.evaluate = jax.jit(self._evaluate)
+
+    def _grads(self, model, batch, step):
+        """Gradients and loss metrics for one batch; dropout keys derive from the step."""
+        key = jax.random.fold_in(self.base_key, step)
+
+        def loss_fn(model):
+            rngs = nnx.Rngs(dropout=key)  # made inside the transform: nnx tracks its trace
+            metrics = model.train_loss(batch, rngs=rngs, training=True)
+            return metrics["loss"], metrics
+
+        grads, metrics = nnx.grad(loss_fn, has_aux=True)(model)
+        return grads, metrics
+
+    def _train_step(self, state, totals, batch, step):
+        model, optimizer = nnx.merge(self.graphdef, state)
+        grads, metrics = self._grads(model, batch, step)
+        optimizer.update(model, grads)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, count=jnp.ones((), jnp.float32))
+        totals = {k: totals[k] + metrics[k].astype(jnp.float32) for k in totals}
+        return nnx.state((model, optimizer)), totals
+
+    def zero_totals(self, state, batch) -> dict[str, jax.Array]:
+        """Zeroed metric sums with the structure the train step produces."""
+        def metrics(state, batch):
+            model, _ = nnx.merge(self.graphdef, state)
+            return self._grads(model, batch, jnp.int32(0))[1]
+
+        shapes = jax.eval_shape(metrics, state, batch)
+        totals = {k: jnp.zeros((), jnp.float32) for k in shapes}
+        totals["grad_norm"] = jnp.zeros((), jnp.float32)
+        totals["count"] = jnp.zeros((), jnp.float32)
+        return totals
+
+    def _evaluate(self, state, val):
+        """Mean metrics over stacked validation batches (leading axis = batch index)."""
+        model, _ = nnx.merge(self.graphdef, state)
+        per_batch = jax.lax.map(lambda b: model.train_loss(b, training=False), val)
+        return jax.tree.map(jnp.mean, per_batch)
+
+
+def stack_batches(batches: list[dict[str, Any]]) -> dict[str, jax.Array]:
+    """[{k: [B, ...]}] * N -> {k: [N, B, ...]} on device, once."""
+    return {k: jnp.stack([jnp.asarray(b[k]) for b in batches]) for k in batches[0]}

@@ -1,0 +1,72 @@
+"""Logit processors: exact semantics of temperature, top-k, top-p, repetition penalty."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from chainrule.sampling import (
+    process_logits,
+    repetition_penalty,
+    sample_token,
+    top_k_filter,
+    top_p_filter,
+)
+
+
+def test_top_k_keeps_exactly_k_even_with_ties():
+    logits = jnp.array([[1.0, 3.0, 3.0, 3.0, 0.5, 2.0]])
+    for k in range(1, 7):
+        kept = np.isfinite(np.asarray(top_k_filter(logits, k)))
+        assert kept.sum() == k
+    kept = np.isfinite(np.asarray(top_k_filter(logits, 2)))[0]
+    assert kept[[1, 2]].all()  # the two best (ties broken by index)
+    assert np.isfinite(np.asarray(top_k_filter(logits, 0))).all()  # 0 = off
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = np.array([0.05, 0.4, 0.3, 0.15, 0.1])
+    logits = jnp.log(jnp.asarray(probs))[None]
+    for p, expected in [(0.35, {1}), (0.4, {1}), (0.41, {1, 2}), (0.7, {1, 2}),
+                        (0.71, {1, 2, 3}), (0.96, {0, 1, 2, 3, 4}), (1.0, {0, 1, 2, 3, 4})]:
+        kept = set(np.flatnonzero(np.isfinite(np.asarray(top_p_filter(logits, p)[0]))))
+        assert kept == expected, (p, kept)
+
+
+def test_temperature_zero_is_greedy_and_low_temperature_approaches_it():
+    key = jax.random.key(0)
+    logits = jax.random.normal(key, (64, 50))
+    greedy = jnp.argmax(logits, -1)
+    assert (sample_token(key, logits, temperature=0.0) == greedy).all()
+    assert (sample_token(jax.random.key(1), logits, temperature=1e-4) == greedy).all()
+
+
+def test_sampling_frequencies_follow_filtered_distribution():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs)), (20000, 4))
+    draws = np.asarray(sample_token(jax.random.key(3), logits, temperature=1.0, top_k=2))
+    freq = np.bincount(draws, minlength=4) / draws.size
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.015)
+    draws = np.asarray(sample_token(jax.random.key(4), logits, temperature=1.0, top_p=0.9))
+    freq = np.bincount(draws, minlength=4) / draws.size
+    np.testing.assert_allclose(freq, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.015)
+
+
+def test_processors_compose_in_order():
+    logits = jnp.array([[2.0, 1.0, 0.0, -1.0]])
+    out = process_logits(logits, temperature=2.0, top_k=3, top_p=None)
+    np.testing.assert_allclose(np.asarray(out)[0, :3], [1.0, 0.5, 0.0])
+    assert np.isneginf(np.asarray(out)[0, 3])
+
+
+def test_repetition_penalty():
+    logits = jnp.array([[2.0, -1.0, 0.5, 1.0]])
+    out = np.asarray(repetition_penalty(logits, jnp.array([[0, 1]]), 2.0))
+    np.testing.assert_allclose(out, [[1.0, -2.0, 0.5, 1.0]])
+    assert np.allclose(repetition_penalty(logits, jnp.array([[0, 1]]), 1.0), logits)
+
+
+def test_knobs_are_traced_not_static():
+    fn = jax.jit(lambda key, lg, t, k, p: sample_token(key, lg, temperature=t, top_k=k, top_p=p))
+    logits = jax.random.normal(jax.random.key(0), (4, 10))
+    for t, k, p in [(1.0, 1, 0.9), (0.5, 3, 1.0), (0.0, 0, 0.5)]:
+        fn(jax.random.key(0), logits, t, k, p)
+    assert fn._cache_size() == 1  # one compilation serves every setting
