@@ -48,8 +48,11 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     momentum: float = 0.9  # sgd
     grad_clip_norm: float | None = 1.0
+    trainable: str = "all"  # "all" | "prefix" (prefix tuning: everything else frozen)
 
     def __post_init__(self) -> None:
+        _check(self.trainable in ("all", "prefix"),
+               f"optimizer.trainable={self.trainable!r}; expected 'all' or 'prefix'")
         _check(self.name in OPTIMIZERS, f"optimizer.name={self.name!r}; expected one of {OPTIMIZERS}")
         _check(self.schedule in SCHEDULES,
                f"optimizer.schedule={self.schedule!r}; expected one of {SCHEDULES}")
@@ -125,6 +128,7 @@ class TrainConfig:
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     seed: int = 0
     resume: bool = True  # continue from the run directory's latest checkpoint, if any
+    init_from: str | None = None  # start from another run's weights (e.g. to prefix-tune it)
     experiment: str | None = None  # set by experiment presets, recorded with the run
 
 

@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -31,18 +30,6 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
-
-
-def config_types() -> dict[str, type]:
-    from chainrule.config import _schemas
-
-    return {cls.__name__: cls for group in _schemas().values() for cls in group.values()}
-
-
-def rebuild(type_name: str, values: dict) -> Any:
-    """A dataclass config from its type name and saved values (checks run again)."""
-    cls = config_types()[type_name]
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
 
 
 def quiet_libraries() -> None:

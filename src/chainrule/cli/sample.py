@@ -16,43 +16,9 @@ from flax import nnx
 from omegaconf import DictConfig
 
 from chainrule.cli import CONF_DIR
-from chainrule.cli.common import fail_cleanly, quiet_libraries, rebuild
+from chainrule.cli.common import fail_cleanly, quiet_libraries
 from chainrule.config import SampleConfig, register_configs, to_object
-
-
-def load_run(run_dir: Path, step: int | None = None):
-    """(model, data bundle, restored step, saved config dict) of a trained run."""
-    from chainrule.checkpoint import Checkpointer, read_meta
-    from chainrule.config import OptimizerConfig
-    from chainrule.data.base import build_data
-    from chainrule.models import build_model
-    from chainrule.training.loop import apply_data_overrides
-    from chainrule.training.optim import build_optimizer
-
-    ckpt_dir = run_dir / "checkpoints"
-    meta = read_meta(ckpt_dir) if ckpt_dir.is_dir() else None
-    if not meta or "config" not in meta:
-        raise ValueError(f"no chainrule checkpoint in {run_dir}: expected a training run "
-                         f"directory with checkpoints/ (pass checkpoint=<run dir>)")
-    saved = meta["config"]
-    types = saved["_types"]
-    data_cfg = rebuild(types["data"], saved["data"])
-    data = build_data(data_cfg, run_dir=run_dir)
-    model_cfg = apply_data_overrides(rebuild(types["model"], saved["model"]),
-                                     data.model_overrides)
-    model = build_model(model_cfg, rngs=nnx.Rngs(params=0))
-    opt_cfg = OptimizerConfig(**saved["optimizer"])
-    optimizer = nnx.Optimizer(model, build_optimizer(opt_cfg, saved["trainer"]["steps"])[0],
-                              wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-    checkpointer = Checkpointer(ckpt_dir)
-    if step is None:
-        step = checkpointer.best_step() or checkpointer.latest_step()
-    restored = checkpointer.restore({"model": state, "key": jax.random.key_data(
-        jax.random.key(0))}, step=step)
-    checkpointer.close()
-    model, _ = nnx.merge(graphdef, restored.state["model"])
-    return model, data, restored.step, saved
+from chainrule.training.restore import load_run
 
 
 @fail_cleanly

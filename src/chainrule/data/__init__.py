@@ -1,7 +1,10 @@
 """Data pipelines: every config type registers a builder; `build_data` returns a `DataBundle`."""
 
 from chainrule.data import tokenizers
+from chainrule.data.audio import AudioDataConfig  # importing each module registers its builder
 from chainrule.data.base import DataBundle, build_data, register_data
-from chainrule.data.text import TextDataConfig  # importing registers the text builder
+from chainrule.data.images import ImageDataConfig
+from chainrule.data.text import TextDataConfig
 
-__all__ = ["DataBundle", "TextDataConfig", "build_data", "register_data", "tokenizers"]
+__all__ = ["AudioDataConfig", "DataBundle", "ImageDataConfig", "TextDataConfig", "build_data",
+           "register_data", "tokenizers"]

@@ -20,6 +20,14 @@ from flax import nnx
 Batch = dict[str, jax.Array]
 
 
+class PrefixParam(nnx.Param):
+    """Prefix-tuning weights: with `optimizer.trainable=prefix` the only ones trained."""
+
+
+# What `optimizer.trainable` selects: the variables that get gradients and optimizer state.
+TRAINABLE = {"all": nnx.Param, "prefix": PrefixParam}
+
+
 class AutoregressiveModel(nnx.Module):
     """Base class: a model of p(x) = prod_i p(x_i | x_<i) over discrete symbols."""
 

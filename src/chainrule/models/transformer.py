@@ -15,15 +15,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from chainrule.models.base import AutoregressiveModel, logical
-from chainrule.sampling import sample_token
+from chainrule.models.base import AutoregressiveModel, PrefixParam, logical
+from chainrule.sampling import penalize_seen, sample_token
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope")
 ACTIVATIONS = {"gelu": nnx.gelu, "relu": nnx.relu, "silu": nnx.silu, "swish": nnx.silu}
@@ -85,6 +86,8 @@ class TransformerConfig:
     tie_weights: bool = True
     pad_token_id: int | None = None  # targets equal to it are left out of the loss
     bos_token_id: int = 0  # first token of an unprompted sample
+    eos_token_id: int | None = None  # generation stops a sample at it (also stop_tokens=)
+    prefix_length: int = 0  # learnable key/value prefix per layer (prefix tuning); 0 = none
     dtype: str = "float32"  # compute dtype; parameters stay float32
 
     def __post_init__(self) -> None:
@@ -97,6 +100,7 @@ class TransformerConfig:
         _check(self.dropout_rate is None or 0.0 <= self.dropout_rate < 1.0,
                f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
+        _check(self.prefix_length >= 0, f"prefix_length must be >= 0, got {self.prefix_length}")
 
     @property
     def effective_dropout(self) -> float:
@@ -129,44 +133,69 @@ def _dense(rngs, d_in, d_out, axes, *, std=0.02, dtype=jnp.float32, use_bias=Tru
 
 
 class CausalSelfAttention(nnx.Module):
-    def __init__(self, net: TransformerNetworkConfig, num_layers: int, dtype, *, rngs: nnx.Rngs):
+    def __init__(self, net: TransformerNetworkConfig, num_layers: int, dtype, prefix_length: int,
+                 *, rngs: nnx.Rngs):
         d, self.num_heads = net.embed_dim, net.num_heads
         self.rope_base = net.rope_base if net.positional_encoding == "rope" else None
         self.qkv = _dense(rngs, d, 3 * d, ("embed", "heads"), dtype=dtype, use_bias=net.use_bias)
         # GPT-2: residual projections scaled by 1/sqrt(2 * layers) keep the residual stream's scale.
         self.proj = _dense(rngs, d, d, ("heads", "embed"), std=0.02 / math.sqrt(2 * num_layers),
                            dtype=dtype, use_bias=net.use_bias)
+        # Li & Liang (2021): learned keys/values that every query may attend to.
+        shape = (prefix_length, self.num_heads, d // self.num_heads)
+        self.prefix_k = (PrefixParam(jax.random.normal(rngs.params(), shape) * 0.5)
+                         if prefix_length else None)
+        self.prefix_v = (PrefixParam(jax.random.normal(rngs.params(), shape) * 0.5)
+                         if prefix_length else None)
 
-    def __call__(self, x, positions, kv_cache=None, cache_index=None):
+    def __call__(self, x, positions, kv_cache=None, cache_index=None, valid_from=None):
+        """Causal attention over this chunk (and the cache's filled slots when cached).
+
+        `valid_from` [B]: key slots before it are padding (left-padded prompts) and are masked.
+        """
         b, t, d = x.shape
         q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
         q, k, v = (a.reshape(b, t, self.num_heads, d // self.num_heads) for a in (q, k, v))
         if self.rope_base is not None:
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
         if kv_cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            if valid_from is None and self.prefix_k is None:  # the training path: plain causal
+                out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+                return self.proj(out.reshape(b, t, d)), None
+            keys, values, first_query = k, v, 0
         else:
-            # Write this chunk's keys/values at cache_index, attend to every filled slot <= query.
-            k_all = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype),
-                                                 (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype),
-                                                 (0, cache_index, 0, 0))
-            slots = jnp.arange(k_all.shape[1])
-            mask = slots[None, :] <= (cache_index + jnp.arange(t))[:, None]  # [T, S]
-            out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
-                                               mask=mask[None, None])
-            kv_cache = (k_all, v_all)
+            # Write this chunk's keys/values at cache_index; attend to filled slots <= query.
+            keys = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                                (0, cache_index, 0, 0))
+            values = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                                  (0, cache_index, 0, 0))
+            kv_cache, first_query = (keys, values), cache_index
+        slots = jnp.arange(keys.shape[1])
+        mask = (slots[None, :] <= (first_query + jnp.arange(t))[:, None])[None, None]  # [1,1,T,S]
+        if valid_from is not None:
+            mask = mask & (slots >= valid_from[:, None, None, None])
+        if self.prefix_k is not None:
+            prefix_shape = (b,) + self.prefix_k.shape
+            keys = jnp.concatenate([jnp.broadcast_to(self.prefix_k[...], prefix_shape)
+                                    .astype(keys.dtype), keys], axis=1)
+            values = jnp.concatenate([jnp.broadcast_to(self.prefix_v[...], prefix_shape)
+                                      .astype(values.dtype), values], axis=1)
+            mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, slots.size))
+            mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (self.prefix_k.shape[0],), bool),
+                                    mask], axis=-1)
+        out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
+                                           mask=mask)
         return self.proj(out.reshape(b, t, d)), kv_cache
 
 
 class Block(nnx.Module):
     """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, net: TransformerNetworkConfig, num_layers: int, dropout: float, dtype, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, net: TransformerNetworkConfig, num_layers: int, dropout: float, dtype,
+                 prefix_length: int = 0, *, rngs: nnx.Rngs):
         d, hidden = net.embed_dim, int(net.embed_dim * net.mlp_ratio)
         self.ln1 = nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
-        self.attn = CausalSelfAttention(net, num_layers, dtype, rngs=rngs)
+        self.attn = CausalSelfAttention(net, num_layers, dtype, prefix_length, rngs=rngs)
         self.ln2 = nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
         self.fc = _dense(rngs, d, hidden, ("embed", "mlp"), dtype=dtype, use_bias=net.use_bias)
         self.out = _dense(rngs, hidden, d, ("mlp", "embed"), std=0.02 / math.sqrt(2 * num_layers),
@@ -174,8 +203,9 @@ class Block(nnx.Module):
         self.activation = ACTIVATIONS[net.activation]
         self.dropout = nnx.Dropout(dropout)
 
-    def __call__(self, x, positions, *, deterministic, rngs, kv_cache=None, cache_index=None):
-        a, kv_cache = self.attn(self.ln1(x), positions, kv_cache, cache_index)
+    def __call__(self, x, positions, *, deterministic, rngs, kv_cache=None, cache_index=None,
+                 valid_from=None):
+        a, kv_cache = self.attn(self.ln1(x), positions, kv_cache, cache_index, valid_from)
         x = x + self.dropout(a, deterministic=deterministic, rngs=rngs)
         m = self.out(self.activation(self.fc(self.ln2(x))))
         return x + self.dropout(m, deterministic=deterministic, rngs=rngs), kv_cache
@@ -207,7 +237,8 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
                           if net.positional_encoding == "learned" else None)
         self.embed_dropout = nnx.Dropout(config.effective_dropout)
         self.blocks = nnx.List([Block(net, config.num_layers, config.effective_dropout, dtype,
-                                      rngs=rngs) for _ in range(config.num_layers)])
+                                      config.prefix_length, rngs=rngs)
+                                for _ in range(config.num_layers)])
         self.ln_f = nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
         self.lm_head = (None if config.tie_weights else
                         _dense(rngs, d, config.vocab_size, ("embed", "vocab"), dtype=dtype,
@@ -215,9 +246,10 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens, *, rngs=None, training=False, positions=None, cache=None,
-                 cache_index=None, **_):
+                 cache_index=None, valid_from=None, **_):
         """Logits for every position. With `cache` (from `init_cache`) and `cache_index`, the
-        chunk `tokens` sits at positions cache_index.. and the updated cache is returned too."""
+        chunk `tokens` sits at slots cache_index.. and the updated cache is returned too.
+        `positions` [B, T] default to the slots; `valid_from` [B] masks left padding."""
         tokens = jnp.asarray(tokens)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -238,7 +270,7 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else cache[i]
             x, kv = block(x, positions, deterministic=deterministic, rngs=rngs, kv_cache=kv,
-                          cache_index=cache_index)
+                          cache_index=cache_index, valid_from=valid_from)
             new_cache.append(kv)
         x = self.ln_f(x)
         logits = self.token_embed.attend(x) if self.lm_head is None else self.lm_head(x)
@@ -290,58 +322,132 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
 
     def generate(self, n_samples: int = 1, max_length: int | None = None, temperature=1.0,
                  top_k=None, top_p=None, rngs: nnx.Rngs | None = None, *, prompt=None,
+                 max_new_tokens: int | None = None, min_new_tokens: int = 0,
+                 eos_id: int | None = None, stop_tokens=(), repetition_penalty=1.0,
                  use_cache: bool | None = None) -> jax.Array:
-        """Sample `n_samples` sequences of `max_length` tokens (prompt included).
+        """Sample sequences; returns int32 [n, length] with each prompt at the start of its row.
 
-        Without a prompt each sample starts with `config.bos_token_id`. `prompt` is [P] (shared)
-        or [n_samples, P]. temperature 0 is greedy; top_k / top_p filter as in
-        `chainrule.sampling`. One compiled loop; lengths are bucketed so a new `max_length`
-        rarely recompiles.
+        prompt: None (each sample starts with `config.bos_token_id`), [P] (shared by all
+        samples), [n, P], or a list of n sequences of different lengths (ragged; rows come back
+        with their prompt first and padding, `pad_token_id` or 0, at the end).
+        length: `max_length` tokens in all (prompt included; default the model's context) or
+        the longest prompt + `max_new_tokens`. A sample stops at `eos_id` (default
+        `config.eos_token_id`) or any of `stop_tokens`, which it keeps; padding follows.
+        `min_new_tokens` forbids stopping earlier. temperature 0 is greedy; top_k, top_p and
+        `repetition_penalty` filter as in `chainrule.sampling`.
+
+        One compiled loop: the prompts are prefilled in one pass, then one token per step
+        against the key/value cache (`use_cache`, default `config.use_cache`) or, as the slow
+        reference, a full pass over the last `sequence_length` tokens. Knobs are traced and
+        lengths bucketed to powers of two, so new settings rarely recompile.
         """
-        max_length = self.config.sequence_length if max_length is None else int(max_length)
-        prompt = (jnp.full((1,), self.config.bos_token_id, jnp.int32) if prompt is None
-                  else jnp.asarray(prompt, jnp.int32))
-        if prompt.ndim == 1:
-            prompt = jnp.broadcast_to(prompt, (n_samples, prompt.shape[0]))
-        if prompt.shape[0] != n_samples:
-            raise ValueError(f"prompt has {prompt.shape[0]} rows but n_samples={n_samples}")
-        self._check_tokens(prompt)
-        prompt_len = prompt.shape[1]
-        if not 0 < prompt_len <= max_length:
-            raise ValueError(f"prompt length {prompt_len} must be in [1, max_length={max_length}]")
+        prompts, lengths = self._prompt_batch(prompt, n_samples)
+        n, width = prompts.shape
+        if max_new_tokens is not None:
+            total = width + int(max_new_tokens)
+        else:
+            total = self.config.sequence_length if max_length is None else int(max_length)
+        if not width <= total:
+            raise ValueError(f"the prompt ({width} tokens) is longer than max_length={total}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        # The cache holds at most `sequence_length` positions; longer samples slide a window.
-        use_cache = use_cache and max_length <= self.config.sequence_length
-        buffer_len = _bucket(max_length)
+        # The cache holds at most `sequence_length` slots; longer samples slide a window.
+        use_cache = use_cache and total <= self.config.sequence_length
+        size = _bucket(total)
         if use_cache:
-            buffer_len = min(buffer_len, self.config.sequence_length)
-        buffer = jnp.zeros((n_samples, buffer_len), jnp.int32)
-        buffer = buffer.at[:, :prompt_len].set(prompt)
-        key = _draw_key(rngs)
+            size = min(size, self.config.sequence_length)
+        offsets = width - lengths  # left padding per row
+        buffer = np.zeros((n, size), np.int32)
+        for i in range(n):
+            buffer[i, offsets[i]:width] = prompts[i, :lengths[i]]
+        eos_id = self.config.eos_token_id if eos_id is None else eos_id
+        stops = sorted({int(s) for s in stop_tokens} | ({int(eos_id)} if eos_id is not None
+                                                        else set()))
+        stop_ids = np.full((8 * (len(stops) // 8 + 1),), -1, np.int32)  # bucketed, -1 unused
+        stop_ids[:len(stops)] = stops
+        pad = 0 if self.config.pad_token_id is None else self.config.pad_token_id
+        knobs = Knobs(jnp.float32(temperature), jnp.int32(top_k or 0),
+                      jnp.float32(1.0 if top_p is None else top_p),
+                      jnp.float32(repetition_penalty), jnp.int32(min_new_tokens),
+                      jnp.asarray(stop_ids), jnp.int32(pad))
         decode = _decode_cached if use_cache else _decode_windowed
-        out = decode(self, buffer, jnp.int32(prompt_len), jnp.int32(max_length), key,
-                     jnp.float32(temperature), jnp.int32(top_k or 0),
-                     jnp.float32(1.0 if top_p is None else top_p), _bucket(prompt_len, 8))
-        return out[:, :max_length]
+        out = decode(self, jnp.asarray(buffer), jnp.asarray(offsets, jnp.int32), jnp.int32(width),
+                     jnp.int32(total), _draw_key(rngs), knobs, min(_bucket(width, 8), size))
+        out = np.asarray(out[:, :total])
+        if offsets.any():  # ragged prompts: shift each row so its prompt comes first
+            out = np.stack([np.concatenate([row[o:], np.full(o, pad, np.int32)])
+                            for row, o in zip(out, offsets, strict=True)])
+        return jnp.asarray(out)
+
+    def _prompt_batch(self, prompt, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
+        """Prompts as a right-padded [n, P] array and their lengths, validated."""
+        if prompt is None:
+            prompt = [self.config.bos_token_id]
+        if isinstance(prompt, list | tuple) and prompt and np.ndim(prompt[0]) == 1:
+            rows = [np.asarray(p, np.int32) for p in prompt]  # ragged
+        else:
+            arr = np.asarray(prompt)
+            if arr.ndim == 1:
+                arr = np.broadcast_to(arr, (n_samples, arr.shape[0]))
+            if arr.ndim != 2:
+                raise ValueError(f"prompt must be [P], [n, P] or a list of sequences, got shape "
+                                 f"{arr.shape}")
+            rows = list(arr)
+        lengths = np.array([len(r) for r in rows], np.int32)
+        if lengths.min() < 1:
+            raise ValueError("every prompt needs at least one token")
+        batch = np.zeros((len(rows), lengths.max()), np.int32)
+        for i, r in enumerate(rows):
+            if not np.issubdtype(np.asarray(r).dtype, np.integer):
+                raise ValueError(f"prompt token ids must be integers, got {np.asarray(r).dtype}")
+            batch[i, :len(r)] = r
+        self._check_tokens(jnp.asarray(batch))
+        return batch, lengths
 
     def generate_with_cache(self, n_samples: int = 1, max_length: int | None = None,
                             temperature=1.0, top_k=None, top_p=None, prompt=None,
-                            rngs: nnx.Rngs | None = None) -> jax.Array:
+                            rngs: nnx.Rngs | None = None, **kwargs) -> jax.Array:
         """The guide's cached generation: `generate(..., use_cache=True)`."""
         return self.generate(n_samples, max_length, temperature, top_k, top_p, rngs,
-                             prompt=prompt, use_cache=True)
+                             prompt=prompt, use_cache=True, **kwargs)
 
     def sample_with_conditioning(self, conditioning, n_samples: int = 1, temperature=1.0,
                                  top_k=None, top_p=None, rngs: nnx.Rngs | None = None,
-                                 max_length: int | None = None) -> jax.Array:
-        """Continue the prompt `conditioning` ([P] or [1, P]): n_samples completions."""
-        prompt = jnp.asarray(conditioning, jnp.int32)
-        if prompt.ndim == 2 and prompt.shape[0] == 1:
-            prompt = prompt[0]
-        if prompt.ndim == 2:  # one completion per prompt row
-            n_samples = prompt.shape[0]
+                                 max_length: int | None = None, **kwargs) -> jax.Array:
+        """Continue the prompt `conditioning`: [P] or [1, P] gives n_samples completions of it;
+        [B, P] or a list of B prompts gives one completion each."""
+        if not isinstance(conditioning, list | tuple):
+            conditioning = np.asarray(conditioning, np.int32)
+            if conditioning.ndim == 2 and conditioning.shape[0] == 1:
+                conditioning = conditioning[0]
+            elif conditioning.ndim == 2:
+                n_samples = conditioning.shape[0]
+        else:
+            n_samples = len(conditioning)
         return self.generate(n_samples, max_length, temperature, top_k, top_p, rngs,
-                             prompt=prompt)
+                             prompt=conditioning, **kwargs)
+
+    def beam_search(self, prompt=None, beam_size: int = 4, max_length: int | None = None,
+                    length_penalty: float = 0.0, eos_id: int | None = None,
+                    rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+        """(sequences [beam_size, max_length], scores [beam_size]), best first; see
+        `chainrule.sampling.beam.beam_search` (rngs is accepted for the guide's API: beam
+        search draws nothing)."""
+        from chainrule.sampling.beam import beam_search
+
+        return beam_search(self, prompt, beam_size=beam_size, max_length=max_length,
+                           length_penalty=length_penalty, eos_id=eos_id)
+
+
+class Knobs(NamedTuple):
+    """Sampling settings as traced values: changing them never recompiles."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    repetition_penalty: jax.Array
+    min_new_tokens: jax.Array
+    stop_ids: jax.Array  # [S] padded with -1
+    pad_id: jax.Array
 
 
 def _draw_key(rngs: nnx.Rngs | None) -> jax.Array:
@@ -352,52 +458,82 @@ def _draw_key(rngs: nnx.Rngs | None) -> jax.Array:
     return rngs  # a raw key
 
 
-@functools.partial(nnx.jit, static_argnums=(8,))
-def _decode_cached(model, buffer, prompt_len, max_length, key, temperature, top_k, top_p,
-                   prefill_len):
+def _choose(logits, key, seen, new_count, knobs: Knobs):
+    """Penalise repeats, forbid stopping before min_new_tokens, then draw."""
+    logits = penalize_seen(logits, seen, knobs.repetition_penalty)
+    is_stop = jnp.any(jnp.arange(logits.shape[-1])[:, None] == knobs.stop_ids[None, :], axis=-1)
+    logits = jnp.where(is_stop & (new_count < knobs.min_new_tokens), -jnp.inf, logits)
+    return sample_token(key, logits, temperature=knobs.temperature, top_k=knobs.top_k,
+                        top_p=knobs.top_p)
+
+
+def _decode_loop(buffer, offsets, start, end, key, knobs: Knobs, vocab: int, next_logits,
+                 carry):
+    """Fill slots start..end-1 of `buffer`; `next_logits(t, buffer, carry)` gives the logits
+    for slot t (computed at slot t - 1). Stops early once every row has hit a stop token."""
+    n, size = buffer.shape
+    rows = jnp.arange(n)
+    slots = jnp.arange(size)
+    in_prompt = (slots[None, :] >= offsets[:, None]) & (slots[None, :] < start)
+    seen = jnp.zeros((n, vocab), bool).at[rows[:, None], buffer].max(in_prompt)
+
+    def body(state):
+        t, buffer, carry, key, done, seen = state
+        key, sub = jax.random.split(key)
+        logits, carry = next_logits(t, buffer, carry)
+        token = _choose(logits, sub, seen, t - start, knobs)
+        token = jnp.where(done, knobs.pad_id, token)
+        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None], t, axis=1)
+        done = done | jnp.any(token[:, None] == knobs.stop_ids[None, :], axis=-1)
+        return t + 1, buffer, carry, key, done, seen.at[rows, token].set(True)
+
+    def cond(state):
+        return (state[0] < end) & ~jnp.all(state[4])
+
+    state = (start, buffer, carry, key, jnp.zeros((n,), bool), seen)
+    return jax.lax.while_loop(cond, body, state)[1]
+
+
+@functools.partial(nnx.jit, static_argnums=(7,))
+def _decode_cached(model, buffer, offsets, start, end, key, knobs, prefill_len):
     """Prefill the first `prefill_len` slots in one pass, then one token per step."""
     n, size = buffer.shape
+    positions = jnp.maximum(jnp.arange(size)[None, :] - offsets[:, None], 0)
     cache = model.init_cache(n, size)
-    prefill_len = min(prefill_len, size)
-    # Slots >= prompt_len hold garbage after the prefill; each is rewritten before it is read.
-    cache = model(buffer[:, :prefill_len], cache=cache, cache_index=0)["cache"]
+    # Slots >= start hold garbage after the prefill; each is rewritten before it is read.
+    cache = model(buffer[:, :prefill_len], positions=positions[:, :prefill_len], cache=cache,
+                  cache_index=0, valid_from=offsets)["cache"]
 
-    def step(t, carry):
-        buffer, cache, key = carry
-        key, sub = jax.random.split(key)
+    def next_logits(t, buffer, cache):
         token = jax.lax.dynamic_slice_in_dim(buffer, t - 1, 1, axis=1)
-        out = model(token, cache=cache, cache_index=t - 1)
-        drawn = sample_token(sub, out["logits"][:, -1], temperature=temperature, top_k=top_k,
-                             top_p=top_p)
-        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, drawn[:, None], t, axis=1)
-        return buffer, out["cache"], key
+        pos = jax.lax.dynamic_slice_in_dim(positions, t - 1, 1, axis=1)
+        out = model(token, positions=pos, cache=cache, cache_index=t - 1, valid_from=offsets)
+        return out["logits"][:, -1], out["cache"]
 
-    buffer, _, _ = jax.lax.fori_loop(prompt_len, max_length, step, (buffer, cache, key))
-    return buffer
+    return _decode_loop(buffer, offsets, start, end, key, knobs, model.config.vocab_size,
+                        next_logits, cache)
 
 
-@functools.partial(nnx.jit, static_argnums=(8,))
-def _decode_windowed(model, buffer, prompt_len, max_length, key, temperature, top_k, top_p,
-                     prefill_len):
-    """Reference decoder: a full forward pass over the last `sequence_length` tokens per step."""
+@functools.partial(nnx.jit, static_argnums=(7,))
+def _decode_windowed(model, buffer, offsets, start, end, key, knobs, prefill_len):
+    """Reference decoder: a full forward pass over the last `sequence_length` slots per step."""
     del prefill_len
     n, size = buffer.shape
     window = min(model.config.sequence_length, size)
 
-    def step(t, carry):
-        buffer, key = carry
-        key, sub = jax.random.split(key)
-        start = jnp.maximum(t - window, 0)
-        context = jax.lax.dynamic_slice_in_dim(buffer, start, window, axis=1)
-        logits = model(context)["logits"]
-        # Position t is predicted by the logits at t - 1 (not at t).
-        last = jax.lax.dynamic_index_in_dim(logits, t - 1 - start, axis=1, keepdims=False)
-        drawn = sample_token(sub, last, temperature=temperature, top_k=top_k, top_p=top_p)
-        buffer = jax.lax.dynamic_update_slice_in_dim(buffer, drawn[:, None], t, axis=1)
-        return buffer, key
+    def next_logits(t, buffer, carry):
+        first = jnp.maximum(t - window, 0)
+        context = jax.lax.dynamic_slice_in_dim(buffer, first, window, axis=1)
+        slots = first + jnp.arange(window)
+        # Positions count from each row's first real token inside the window.
+        row_start = jnp.maximum(offsets, first)
+        positions = jnp.maximum(slots[None, :] - row_start[:, None], 0)
+        logits = model(context, positions=positions, valid_from=row_start - first)["logits"]
+        # Slot t is predicted by the logits at slot t - 1 (not at t).
+        return jax.lax.dynamic_index_in_dim(logits, t - 1 - first, axis=1, keepdims=False), carry
 
-    buffer, _ = jax.lax.fori_loop(prompt_len, max_length, step, (buffer, key))
-    return buffer
+    return _decode_loop(buffer, offsets, start, end, key, knobs, model.config.vocab_size,
+                        next_logits, None)
 
 
 def TransformerAR(vocab_size: int, sequence_length: int = 512, hidden_dim: int = 512,

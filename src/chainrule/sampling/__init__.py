@@ -2,6 +2,7 @@
 
 from chainrule.sampling.processors import (
     greedy,
+    penalize_seen,
     process_logits,
     repetition_penalty,
     sample_token,
@@ -12,6 +13,7 @@ from chainrule.sampling.processors import (
 
 __all__ = [
     "greedy",
+    "penalize_seen",
     "process_logits",
     "repetition_penalty",
     "sample_token",

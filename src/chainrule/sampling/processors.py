@@ -58,17 +58,20 @@ def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
     return jnp.where(keep | (p >= 1.0), logits, NEG_INF)
 
 
+def penalize_seen(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    """Repetition penalty given a [..., vocab] mask of the tokens already present."""
+    penalty = _as(penalty, 1.0, logits.dtype)
+    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
+    return jnp.where(seen, penalised, logits)
+
+
 def repetition_penalty(logits: jax.Array, previous_tokens: jax.Array, penalty,
                        valid: jax.Array | None = None) -> jax.Array:
     """Penalise tokens already present in `previous_tokens` [..., T] (`valid` masks positions)."""
-    penalty = _as(penalty, 1.0, logits.dtype)
-    vocab = logits.shape[-1]
-    hits = jax.nn.one_hot(previous_tokens, vocab, dtype=jnp.bool_)
+    hits = jax.nn.one_hot(previous_tokens, logits.shape[-1], dtype=jnp.bool_)
     if valid is not None:
         hits = hits & valid[..., None]
-    seen = jnp.any(hits, axis=-2)
-    penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
-    return jnp.where(seen, penalised, logits)
+    return penalize_seen(logits, jnp.any(hits, axis=-2), penalty)
 
 
 def process_logits(logits: jax.Array, *, temperature=1.0, top_k=None, top_p=None) -> jax.Array:

@@ -24,6 +24,7 @@ from chainrule.checkpoint import Checkpointer
 from chainrule.config import HardwareConfig, TrainConfig
 from chainrule.data.base import DataBundle, build_data
 from chainrule.models import AutoregressiveModel, build_model, family_name
+from chainrule.models.base import TRAINABLE
 from chainrule.tracking import Tracker
 from chainrule.training.optim import build_optimizer
 from chainrule.training.steps import Steps, stack_batches
@@ -73,6 +74,20 @@ def build_run(cfg: TrainConfig, run_dir: Path | None):
     return data, model_config, model
 
 
+def init_weights(model: AutoregressiveModel, run_dir: str) -> None:
+    """Copy another run's weights into `model`; weights it lacks (a new prefix) stay fresh."""
+    from chainrule.training.restore import load_run
+
+    source, _, step, _ = load_run(Path(run_dir))
+    theirs = dict(nnx.state(source, nnx.Param).flat_state())
+    fitting = {path: theirs[path] for path, ours in nnx.state(model, nnx.Param).flat_state()
+               if path in theirs and theirs[path].shape == ours.shape}
+    if not fitting:
+        raise ValueError(f"init_from={run_dir}: no parameter of that run fits this model")
+    nnx.update(model, nnx.State.from_flat_path(fitting))
+    print(f"initialised {len(fitting)} parameter arrays from {run_dir} (step {step})")
+
+
 def summarise(totals: dict[str, float], scales: dict[str, float]) -> dict[str, float]:
     """Means of summed metrics; perplexity from the mean loss; per-unit bits from the scales."""
     count = max(totals.pop("count", 1.0), 1.0)
@@ -111,11 +126,17 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
     check_hardware(cfg.hardware)
     trainer = cfg.trainer
     data, model_config, model = build_run(cfg, run_dir)
+    wrt = TRAINABLE[cfg.optimizer.trainable]
+    if not jax.tree.leaves(nnx.state(model, wrt)):
+        raise ValueError(f"optimizer.trainable={cfg.optimizer.trainable} but the model has no "
+                         f"such parameters (prefix tuning needs model.prefix_length > 0)")
+    if cfg.init_from:
+        init_weights(model, cfg.init_from)
     tx, schedule = build_optimizer(cfg.optimizer, trainer.steps)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
     graphdef, state = nnx.split((model, optimizer))
     base_key = jax.random.key(cfg.seed)
-    steps = Steps(graphdef, jax.random.fold_in(base_key, 1))
+    steps = Steps(graphdef, jax.random.fold_in(base_key, 1), wrt)
     family = family_name(model_config)
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=trainer.keep_checkpoints,
@@ -163,6 +184,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
         batch = next(data.train)
         totals = steps.zero_totals(state, batch)
         tokens_per_step = int(np.prod(model.model_inputs(batch).shape))
+        flops_per_step = steps.flops_per_step(state, totals, batch)
         bar = tqdm(total=trainer.steps, initial=start_step, disable=not trainer.progress,
                    desc=f"train {family}", unit="step", dynamic_ncols=True)
         last_log_time, last_log_step = time.perf_counter(), start_step
@@ -223,6 +245,8 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
             "num_params": n_params,
             "num_params_non_embedding": model.num_params(non_embedding=True),
             "tokens_seen": tokens_per_step * final_step,
+            "flops_per_step": flops_per_step,
+            "train_flops": None if flops_per_step is None else flops_per_step * final_step,
             "wall_time_s": time.perf_counter() - t_start,
             "run_dir": str(run_dir),
             "wandb_run_id": tracker.run_id,

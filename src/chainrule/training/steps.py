@@ -19,9 +19,10 @@ from flax import nnx
 class Steps:
     """train_step(state, totals, batch, step) -> (state, totals); eval(state, val) -> means."""
 
-    def __init__(self, graphdef, base_key: jax.Array):
+    def __init__(self, graphdef, base_key: jax.Array, wrt=nnx.Param):
         self.graphdef = graphdef
         self.base_key = base_key
+        self.wrt = wrt  # which variables are trained (all parameters, or a prefix)
         self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1))
         self.evaluate = jax.jit(self._evaluate)
 
@@ -34,7 +35,8 @@ class Steps:
             metrics = model.train_loss(batch, rngs=rngs, training=True)
             return metrics["loss"], metrics
 
-        grads, metrics = nnx.grad(loss_fn, has_aux=True)(model)
+        grads, metrics = nnx.grad(loss_fn, argnums=nnx.DiffState(0, self.wrt),
+                                  has_aux=True)(model)
         return grads, metrics
 
     def _train_step(self, state, totals, batch, step):
@@ -57,6 +59,15 @@ class Steps:
         totals["grad_norm"] = jnp.zeros((), jnp.float32)
         totals["count"] = jnp.zeros((), jnp.float32)
         return totals
+
+    def flops_per_step(self, state, totals, batch) -> float | None:
+        """XLA's count of the train step's FLOPs (from the lowered program; no compile)."""
+        try:
+            cost = self.train_step.lower(state, totals, batch, jnp.int32(0)).cost_analysis()
+        except Exception:  # cost analysis is best-effort on some backends
+            return None
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        return float(cost["flops"]) if cost and "flops" in cost else None
 
     def _evaluate(self, state, val):
         """Mean metrics over stacked validation batches (leading axis = batch index)."""

@@ -1,0 +1,465 @@
+"""Audio for WaveNet: μ-law codes of mono waveforms, the `AudioDataConfig` schema, its pipeline.
+
+Sources (`source=`):
+  synthetic   needs no download. A fixed set of procedurally generated "note" clips (the same
+              for every seed; the seed only drives crop order and positions): 256 train and 32
+              validation clips of max(1 s, sequence_length + 1 samples). Each clip has one
+              pitch class, its label (12 classes, "C" .. "B"): a run of back-to-back notes of
+              0.12-0.4 s, each in a random octave (MIDI octaves 3-5, 131-988 Hz) with 1-4
+              harmonics below 0.45 x the sample rate (amplitude ~ 1/h, randomly jittered), a
+              5 ms linear attack, an exponential decay (time constant 0.05-0.3 s) and a random
+              peak of 0.3-0.9, plus white noise of standard deviation 0.01, clipped to [-1, 1].
+              Labels with `label_from="pitch"`.
+  wav_folder  every *.wav under `path` (recursive). Validation: the files whose name's CRC32 is
+              0 mod 10 (at least one; with a single file, its last 10 %).
+  fsdd        the Free Spoken Digit Dataset, `{digit}_{speaker}_{index}.wav`, 8 kHz; its
+              official split: takes 0-4 are validation, 5-49 train.
+
+WAV files are read with the stdlib `wave` module: PCM with 8 (unsigned), 16, 24 or 32-bit
+samples, any number of channels (averaged to mono), any rate (polyphase resampled to
+`sample_rate`). Labels (`label_from`): "digit" / "speaker" (fields 0 / 1 of FSDD-style names
+split at "_"), "parent" (the folder name), a field index such as "2", or a regular expression
+with one group searched in the file name without extension. Label ids follow the sorted label
+names (numerically when all are integers, so digit d has id d).
+
+The pipeline serves
+  train:        an infinite, checkpointable Grain iterator of random crops of
+                sequence_length + 1 samples, {"waveform": int32 [B, T + 1], "labels": int32 [B]}
+                ("labels" only with label_from). Clips are drawn in proportion to their length;
+                shorter clips are padded at the end with μ-law silence;
+  val_batches:  fixed crops of the validation clips, the same at every evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import wave
+import zlib
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from chainrule.data.base import DataBundle, register_data
+
+SOURCES = ("synthetic", "wav_folder", "fsdd")
+DEFAULT_FSDD_PATH = "../shared/data/fsdd/recordings"
+LABEL_KEYWORDS = {"digit": 0, "speaker": 1}  # fields of FSDD file names
+PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
+SYNTHETIC_CLIPS = {"train": (256, 0), "val": (32, 1)}  # (count, generator seed)
+_REPO = Path(__file__).resolve().parents[3]
+
+# ----------------------------------------------------------------------------- μ-law
+
+
+def _check_mu(mu) -> int:
+    if isinstance(mu, bool) or not isinstance(mu, int | np.integer) or not 1 <= mu <= 65535:
+        raise ValueError(f"mu={mu!r}: expected an integer in [1, 65535] (mu + 1 levels)")
+    return int(mu)
+
+
+def mu_law_encode(x, mu: int = 255) -> np.ndarray:
+    """Waveform in [-1, 1] -> int32 codes in [0, mu]: sign(x) ln(1 + mu|x|) / ln(1 + mu),
+    mapped to mu + 1 evenly spaced levels (rounded to the nearest)."""
+    mu = _check_mu(mu)
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"mu_law_encode expects a float waveform in [-1, 1], got dtype {x.dtype}")
+    if x.size and not (np.all(np.isfinite(x)) and np.abs(x).max() <= 1.0):
+        bad = x[~(np.isfinite(x) & (np.abs(x) <= 1.0))].flat[0]
+        raise ValueError(f"mu_law_encode: sample {bad} is outside [-1, 1]; clip or normalise "
+                         "the waveform first")
+    x = x.astype(np.float64)
+    y = np.sign(x) * np.log1p(mu * np.abs(x)) / math.log1p(mu)
+    return np.clip(np.floor((y + 1.0) / 2.0 * mu + 0.5), 0, mu).astype(np.int32)
+
+
+def mu_law_decode(codes, mu: int = 255) -> np.ndarray:
+    """int codes in [0, mu] -> float32 waveform in [-1, 1] (the inverse of the companding)."""
+    mu = _check_mu(mu)
+    codes = np.asarray(codes)
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"mu_law_decode expects integer codes, got dtype {codes.dtype}")
+    if codes.size and (codes.min() < 0 or codes.max() > mu):
+        raise ValueError(f"mu_law_decode: code {codes.max() if codes.max() > mu else codes.min()}"
+                         f" is outside [0, mu={mu}]")
+    y = 2.0 * codes.astype(np.float64) / mu - 1.0
+    return (np.sign(y) * np.expm1(np.abs(y) * math.log1p(mu)) / mu).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- WAV files
+
+
+def resample(x: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    """Polyphase resampling by the rational factor target/orig (scipy.signal.resample_poly's
+    method: a Kaiser-windowed (beta 5) sinc low-pass at the lower Nyquist frequency, 20 taps
+    per output phase on each side), computed only at the output samples."""
+    if orig_rate == target_rate:
+        return np.asarray(x, np.float32)
+    g = math.gcd(orig_rate, target_rate)
+    up, down = target_rate // g, orig_rate // g
+    half = 10 * max(up, down)
+    cutoff = 1.0 / max(up, down)
+    n = np.arange(-half, half + 1)
+    h = np.sinc(cutoff * n) * np.kaiser(2 * half + 1, 5.0)
+    h *= up / h.sum()  # unit gain at DC once zero-stuffed by `up`
+    x = np.asarray(x, np.float64)
+    n_out = -(-len(x) * up // down)
+    taps = -(-len(h) // up)
+    out = np.empty(n_out)
+    for start in range(0, n_out, 8192):  # bounded memory for long files
+        p = np.arange(start, min(start + 8192, n_out)) * down + half  # filter centre on input
+        k = (p % up)[:, None] + up * np.arange(taps)  # filter taps that meet input samples
+        j = (p[:, None] - k) // up  # the input sample each tap meets
+        valid = (k < len(h)) & (j >= 0) & (j < len(x))
+        out[start:start + len(p)] = np.where(
+            valid, h[np.minimum(k, len(h) - 1)] * x[np.clip(j, 0, len(x) - 1)], 0.0).sum(1)
+    return out.astype(np.float32)
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """A PCM WAV file -> (float32 mono waveform in [-1, 1], sample rate)."""
+    expected = "expected a RIFF/WAVE PCM file with 8, 16, 24 or 32-bit samples"
+    try:
+        with wave.open(str(path), "rb") as f:
+            channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
+            raw = f.readframes(f.getnframes())
+    except (wave.Error, EOFError, OSError) as e:
+        raise ValueError(f"{path}: not a readable WAV file ({e or type(e).__name__}); "
+                         f"{expected}") from None
+    if width not in (1, 2, 3, 4):
+        raise ValueError(f"{path}: {8 * width}-bit samples are not supported; {expected}")
+    frames = len(raw) // (channels * width)
+    if frames == 0:
+        raise ValueError(f"{path}: the WAV file has no samples; expected audio")
+    raw = raw[: frames * channels * width]
+    if width == 1:  # 8-bit WAV is unsigned
+        x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 3:  # little-endian 24-bit: widen to int32, keeping the sign
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        x = ((b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16) << 8 >> 8).astype(np.float32) / 2.0**23
+    else:
+        x = np.frombuffer(raw, f"<i{width}").astype(np.float32) / 2.0 ** (8 * width - 1)
+    return x.reshape(frames, channels).mean(axis=1), rate
+
+
+def read_audio(path: str | Path, sample_rate: int) -> np.ndarray:
+    """A WAV file as float32 mono in [-1, 1] at `sample_rate`."""
+    x, rate = read_wav(path)
+    return np.clip(resample(x, rate, sample_rate), -1.0, 1.0)
+
+
+def _resolve(path: str) -> Path:
+    """A relative path is taken from the current directory, else from the repository root."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (_REPO / p).exists():
+        return _REPO / p
+    return p
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class AudioDataConfig:
+    """μ-law audio for WaveNet (Hydra schema `audio_schema`)."""
+
+    source: str = "synthetic"  # "synthetic" | "wav_folder" (needs path) | "fsdd"
+    path: str | None = None  # wav_folder: a folder of WAVs; fsdd: None = ../shared/data/fsdd/...
+    sample_rate: int = 8000
+    sequence_length: int = 4000  # model input; crops hold sequence_length + 1 samples
+    mu: int = 255  # μ-law levels - 1 (vocab_size = mu + 1)
+    batch_size: int = 8  # global batch; each process draws batch_size // process_count
+    val_batches: int = 2
+    seed: int = 0
+    label_from: str | None = None  # see the module docstring; "pitch" for synthetic
+    num_workers: int = 0  # grain worker processes (0: produce batches in this process)
+    prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r} is unknown; expected one of {SOURCES}")
+        if self.source == "wav_folder" and not self.path:
+            raise ValueError(f"data.path={self.path!r}: source 'wav_folder' needs a folder of "
+                             ".wav files (e.g. data.path=recordings/)")
+        for name in ("sample_rate", "sequence_length", "batch_size", "val_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{name}={value!r}: expected a positive integer")
+        try:
+            _check_mu(self.mu)
+        except ValueError as e:
+            raise ValueError(f"data.{e}") from None
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.seed={self.seed}: expected an integer in [0, 2**32)")
+        if self.num_workers < 0 or self.prefetch < 0:
+            raise ValueError(f"data.num_workers={self.num_workers}, data.prefetch="
+                             f"{self.prefetch}: expected integers >= 0")
+        if self.source == "synthetic":
+            if self.label_from not in (None, "pitch"):
+                raise ValueError(f"data.label_from={self.label_from!r}: synthetic clips are "
+                                 "labelled by pitch class; expected null or 'pitch'")
+        elif self.label_from is not None:
+            _label_parser(self.label_from)  # raises on a bad pattern
+
+
+# ----------------------------------------------------------------------------- clips
+
+
+def _label_parser(label_from: str):
+    """label_from -> function(Path) -> label name (None when the name does not fit)."""
+    if label_from == "parent":
+        return lambda p: p.parent.name
+    if label_from in LABEL_KEYWORDS or label_from.isdigit():
+        field = LABEL_KEYWORDS.get(label_from, None)
+        field = int(label_from) if field is None else field
+        return lambda p: (p.stem.split("_") + [None] * (field + 1))[field]
+    try:
+        pattern = re.compile(label_from)
+    except re.error as e:
+        raise ValueError(f"data.label_from={label_from!r} is not a keyword (digit, speaker, "
+                         f"parent, a field index) nor a valid regular expression: {e}") from None
+    if pattern.groups != 1:
+        raise ValueError(f"data.label_from={label_from!r}: a regular expression needs exactly "
+                         f"one group (the label), it has {pattern.groups}")
+    return lambda p: (m.group(1) if (m := pattern.search(p.stem)) else None)
+
+
+def _sorted_names(names) -> list[str]:
+    names = sorted(set(names))
+    if all(n.isdigit() for n in names):
+        names.sort(key=int)
+    return names
+
+
+def synthetic_clip(rng: np.random.Generator, pitch_class: int, length: int,
+                   sample_rate: int) -> np.ndarray:
+    """One synthetic clip (see the module docstring): float32 [length] in [-1, 1]."""
+    t_all = np.arange(length) / sample_rate
+    x = np.zeros(length)
+    start = 0
+    while start < length:
+        n = min(int(rng.uniform(0.12, 0.4) * sample_rate), length - start)
+        t = t_all[:n]
+        f0 = 440.0 * 2.0 ** ((12 * (rng.integers(3, 6) + 1) + pitch_class - 69) / 12)
+        note = np.zeros(n)
+        for h in range(1, rng.integers(1, 5) + 1):
+            if h * f0 < 0.45 * sample_rate:
+                note += rng.uniform(0.5, 1.0) / h * np.sin(2 * np.pi * h * f0 * t
+                                                           + rng.uniform(0, 2 * np.pi))
+        envelope = np.minimum(t / 0.005, 1.0) * np.exp(-t / rng.uniform(0.05, 0.3))
+        note *= envelope * rng.uniform(0.3, 0.9) / max(np.abs(note * envelope).max(), 1e-9)
+        x[start:start + n] = note
+        start += n
+    x += rng.normal(0.0, 0.01, length)
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Clips:
+    """μ-law coded clips of one split, and their label ids (None without labels)."""
+
+    codes: list[np.ndarray]
+    labels: np.ndarray | None
+
+
+def _code_dtype(mu: int):
+    return np.uint8 if mu < 256 else np.uint16  # clips are stored compactly, served as int32
+
+
+def _synthetic(config: AudioDataConfig) -> tuple[dict[str, Clips], list[str] | None]:
+    length = max(config.sample_rate, config.sequence_length + 1)
+    splits = {}
+    for split, (count, seed) in SYNTHETIC_CLIPS.items():
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, len(PITCH_CLASSES), count)
+        codes = [mu_law_encode(synthetic_clip(rng, int(c), length, config.sample_rate),
+                               config.mu).astype(_code_dtype(config.mu)) for c in labels]
+        splits[split] = Clips(codes, labels.astype(np.int32) if config.label_from else None)
+    return splits, list(PITCH_CLASSES) if config.label_from else None
+
+
+def _wav_files(config: AudioDataConfig) -> tuple[Path, list[Path]]:
+    folder = _resolve(config.path or DEFAULT_FSDD_PATH)
+    if not folder.is_dir():
+        raise ValueError(f"data.path={config.path!r} (resolved to {folder.resolve()}) is not a "
+                         f"folder; expected a folder of .wav files for source={config.source!r}")
+    files = sorted((p for p in folder.rglob("*") if p.suffix.lower() == ".wav" and p.is_file()),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise ValueError(f"no .wav files under {folder.resolve()}; expected at least one")
+    return folder, files
+
+
+def _is_validation(path: Path, source: str) -> bool:
+    if source == "fsdd":
+        fields = path.stem.split("_")
+        if len(fields) != 3 or not fields[2].isdigit():
+            raise ValueError(f"{path}: FSDD files are named {{digit}}_{{speaker}}_{{index}}.wav")
+        return int(fields[2]) < 5  # the official test split
+    return zlib.crc32(path.name.encode()) % 10 == 0
+
+
+def _wav_clips(config: AudioDataConfig) -> tuple[dict[str, Clips], list[str] | None]:
+    folder, files = _wav_files(config)
+    names = None
+    if config.label_from:
+        parse = _label_parser(config.label_from)
+        names = [parse(p) for p in files]
+        for p, name in zip(files, names, strict=True):
+            if not name:
+                raise ValueError(f"{p}: no label from label_from={config.label_from!r}")
+    audio = [mu_law_encode(read_audio(p, config.sample_rate), config.mu) for p in files]
+    in_val = [_is_validation(p, config.source) for p in files]
+    if len(files) == 1:  # one long recording: its last tenth is the validation clip
+        cut = max(1, len(audio[0]) * 9 // 10)
+        audio, in_val = [audio[0][:cut], audio[0][cut:]], [False, True]
+        names = None if names is None else names * 2
+        if len(audio[1]) == 0:
+            raise ValueError(f"{files[0]} is too short to split into train and validation")
+    elif not any(in_val) or all(in_val):  # small folders: hold out one file
+        in_val = [i == 0 for i in range(len(files))]
+    label_names = None if names is None else _sorted_names(names)
+    ids = None if names is None else np.array([label_names.index(n) for n in names], np.int32)
+    dtype = _code_dtype(config.mu)
+    splits = {}
+    for split, want in (("train", False), ("val", True)):
+        keep = [i for i, v in enumerate(in_val) if v == want]
+        splits[split] = Clips([audio[i].astype(dtype) for i in keep],
+                              None if ids is None else ids[keep])
+    return splits, label_names
+
+
+def load_clips(config: AudioDataConfig) -> tuple[dict[str, Clips], list[str] | None]:
+    """{"train": Clips, "val": Clips} and the label names (None without labels)."""
+    return _synthetic(config) if config.source == "synthetic" else _wav_clips(config)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class _RandomCrop:
+    """Grain random map: clip index -> one crop of `length` samples at a uniform offset."""
+
+    def __init__(self, clips: Clips, length: int, silence: int):
+        self.clips, self.length, self.silence = clips, length, silence
+
+    def crop(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        clip = self.clips.codes[index]
+        out = np.full(self.length, self.silence, np.int32)
+        start = int(rng.integers(max(len(clip) - self.length, 0) + 1))
+        piece = clip[start:start + self.length]
+        out[: len(piece)] = piece
+        item = {"waveform": out}
+        if self.clips.labels is not None:
+            item["labels"] = np.int32(self.clips.labels[index])
+        return item
+
+    def __call__(self, element: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return self.crop(int(element), rng)
+
+
+def train_dataset(clips: Clips, *, length: int, silence: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Infinite MapDataset of batches of random crops; each clip appears once per epoch for
+    every `length` samples it holds (at least once), epochs shuffled differently."""
+    repeats = [max(1, len(c) // length) for c in clips.codes]
+    slots = np.repeat(np.arange(len(clips.codes)), repeats)
+    ds = grain.MapDataset.source(slots.tolist()).shuffle(seed=seed).repeat()
+    ds = ds.random_map(_RandomCrop(clips, length, silence), seed=seed)
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def validation_batches(clips: Clips, *, length: int, silence: int, batch_size: int,
+                       num_batches: int, process_index: int = 0,
+                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Fixed crops (a fixed generator, whatever the seed) of the validation clips in a fixed
+    shuffled order, cycling when there are fewer clips than crops."""
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(clips.codes))
+    crop = _RandomCrop(clips, length, silence)
+    items = [crop.crop(int(order[i % len(order)]), rng) for i in range(num_batches * batch_size)]
+    per_process = batch_size // process_count
+    batches = []
+    for b in range(num_batches):
+        rows = items[b * batch_size + process_index * per_process:
+                     b * batch_size + (process_index + 1) * per_process]
+        batches.append({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    return batches
+
+
+def _encode_wav(path: str, *, sample_rate: int, mu: int) -> np.ndarray:
+    """A prompt for generation: a WAV file's μ-law codes."""
+    return mu_law_encode(read_audio(_resolve(path), sample_rate), mu)
+
+
+@register_data(AudioDataConfig)
+def build_audio_data(config: AudioDataConfig, *, run_dir: Path | None = None,
+                     process_index: int = 0, process_count: int = 1) -> DataBundle:
+    del run_dir  # nothing is fitted to the data
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index}, process_count={process_count}: "
+                         "expected 0 <= process_index < process_count")
+    if config.batch_size % process_count:
+        raise ValueError(f"data.batch_size={config.batch_size} is not divisible by the "
+                         f"{process_count} processes; expected a multiple of {process_count}")
+    splits, label_names = load_clips(config)
+    for split, clips in splits.items():
+        if not clips.codes:
+            raise ValueError(f"the {split} split of source={config.source!r} has no clips")
+    window = config.sequence_length + 1
+    silence = int(mu_law_encode(np.zeros(1), config.mu)[0])
+    ds = train_dataset(splits["train"], length=window, silence=silence,
+                       batch_size=config.batch_size // process_count, seed=config.seed,
+                       process_index=process_index, process_count=process_count)
+    read = grain.ReadOptions(num_threads=1 if config.prefetch else 0,
+                             prefetch_buffer_size=config.prefetch)
+    iter_ds = ds.to_iter_dataset(read)
+    if config.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.num_workers, per_worker_buffer_size=max(config.prefetch, 1)))
+    val = validation_batches(splits["val"], length=window, silence=silence,
+                             batch_size=config.batch_size, num_batches=config.val_batches,
+                             process_index=process_index, process_count=process_count)
+    overrides: dict[str, Any] = {"vocab_size": config.mu + 1}
+    if label_names is not None:
+        overrides["num_classes"] = len(label_names)
+    seconds = {s: sum(len(c) for c in clips.codes) / config.sample_rate
+               for s, clips in splits.items()}
+    return DataBundle(
+        train=iter(iter_ds),
+        val_batches=val,
+        model_overrides=overrides,
+        metric_scales={},
+        sample_kind="audio",
+        decode=functools.partial(mu_law_decode, mu=config.mu),
+        encode=functools.partial(_encode_wav, sample_rate=config.sample_rate, mu=config.mu),
+        info={
+            "source": config.source,
+            "sample_rate": config.sample_rate,
+            "mu": config.mu,
+            "silence_code": silence,
+            "train_clips": len(splits["train"].codes),
+            "val_clips": len(splits["val"].codes),
+            "train_seconds": seconds["train"],
+            "val_seconds": seconds["val"],
+            "label_from": config.label_from,
+            "num_classes": None if label_names is None else len(label_names),
+            "label_names": label_names,
+            "val_batches": len(val),
+        },
+    )
+
+
+__all__ = ["AudioDataConfig", "build_audio_data", "load_clips", "mu_law_decode",
+           "mu_law_encode", "read_audio", "read_wav", "resample", "synthetic_clip"]

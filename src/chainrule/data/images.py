@@ -1,0 +1,394 @@
+"""Images for PixelCNN: sources, the `ImageDataConfig` schema and its Grain pipeline.
+
+Every source becomes integer levels [N, H, W, C] (plus int labels where it has them) with a
+train and a validation split:
+
+  digits           sklearn's 8x8 digits (embedded, no download), 17 levels, 10 classes;
+                   the last 20% (in the file's order) is validation.
+  mnist            IDX .gz files in a folder, 256 levels, 10 classes; validation = t10k. Without
+                   train-images-idx3-ubyte.gz (../shared/data/mnist has only the t10k images) the
+                   10k t10k set is split: first 8,000 train, last 2,000 validation.
+  binarized_mnist  the Larochelle & Murray .npz (train 50k / valid 10k, 784 uint8 {0, 1} rows),
+                   2 levels; its train and valid rows have no labels, so batches carry none.
+  cifar10          the python-pickle batches (data_batch_1..5, test_batch), 32x32x3, 256 levels.
+  image_folder     PNG/JPEG files (PIL); class = sub-folder name when there are sub-folders;
+                   grey when every image is grey, else RGB; a fixed 20% is validation.
+
+`num_levels` below a source's native count requantises (level v -> v * L // native), e.g.
+binarising 8-bit MNIST with num_levels=2.
+
+The pipeline: train is an infinite, seeded-shuffle (reshuffled every epoch), checkpointable
+Grain iterator of {"images": int32 [B, H, W, C], "labels": int32 [B]}; validation is a fixed list
+of such batches drawn from a fixed permutation of the validation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import pickle
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from chainrule.data.base import DataBundle, register_data
+
+SOURCES = ("digits", "mnist", "binarized_mnist", "cifar10", "image_folder")
+NATIVE_LEVELS = {"digits": 17, "mnist": 256, "binarized_mnist": 2, "cifar10": 256,
+                 "image_folder": 256}
+DEFAULT_PATHS = {"mnist": "../shared/data/mnist",
+                 "binarized_mnist": "../shared/data/binarized_mnist/binarized_mnist.npz"}
+VAL_FRACTION = 0.2  # for sources without an official validation split
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class ImageDataConfig:
+    """Image data for PixelCNN (Hydra schema `image_schema`)."""
+
+    source: str = "digits"  # one of SOURCES
+    path: str | None = None  # folder / file; mnist and binarized_mnist default to ../shared/data
+    num_levels: int | None = None  # None: the source's native count (see NATIVE_LEVELS)
+    batch_size: int = 32  # global batch; each process draws batch_size // process_count
+    val_batches: int = 4
+    seed: int = 0
+    image_size: tuple[int, int] | None = None  # (height, width): resize image_folder images
+    num_workers: int = 0  # grain worker processes (0: produce batches in this process)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source={self.source!r} is unknown; expected one of {SOURCES}")
+        if self.source in ("cifar10", "image_folder") and not self.path:
+            raise ValueError(f"data.path={self.path!r}: source {self.source!r} needs the path of "
+                             "its folder (e.g. data.path=../shared/data/cifar10)")
+        native = NATIVE_LEVELS[self.source]
+        if self.num_levels is not None and not 2 <= self.num_levels <= native:
+            raise ValueError(f"data.num_levels={self.num_levels}: expected None or 2..{native} "
+                             f"(source {self.source!r} has {native} levels; fewer requantises)")
+        for name in ("batch_size", "val_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"data.{name}={value!r}: expected a positive integer")
+        if self.image_size is not None:
+            self.image_size = tuple(int(v) for v in self.image_size)
+            if len(self.image_size) != 2 or min(self.image_size) <= 0:
+                raise ValueError(f"data.image_size={self.image_size}: expected (height, width) "
+                                 "> 0 or None")
+            if self.source != "image_folder":
+                raise ValueError(f"data.image_size={self.image_size}: resizing applies to "
+                                 f"source 'image_folder' only, not {self.source!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.seed={self.seed}: expected an integer in [0, 2**32)")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers={self.num_workers}: expected >= 0")
+
+    @property
+    def levels(self) -> int:
+        return NATIVE_LEVELS[self.source] if self.num_levels is None else self.num_levels
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass
+class ImageSplits:
+    """A source loaded into memory: uint8/int levels [N, H, W, C] and optional int labels [N]."""
+
+    train_images: np.ndarray
+    val_images: np.ndarray
+    train_labels: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    num_classes: int | None = None
+    class_names: list[str] | None = None
+    split: str = ""
+
+
+def resolve_path(path: str | Path, what: str) -> Path:
+    """A relative path is looked up from the working directory, then from the repository root
+    (so `../shared/data/...` works wherever a run starts)."""
+    path = Path(path).expanduser()
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path, REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise ValueError(f"{what} {str(path)!r} does not exist (looked at "
+                     f"{', '.join(str(c) for c in candidates)})")
+
+
+def _split_last(images, labels, fraction=VAL_FRACTION):
+    n_val = max(1, int(round(len(images) * fraction)))
+    cut = len(images) - n_val
+    if cut < 1:
+        raise ValueError(f"{len(images)} images are too few to split into train and validation")
+    lab = (None, None) if labels is None else (labels[:cut], labels[cut:])
+    return images[:cut], images[cut:], lab[0], lab[1]
+
+
+def load_digits_source() -> ImageSplits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = digits.images.astype(np.uint8)[..., None]  # [1797, 8, 8, 1], values 0..16
+    tr, va, trl, val = _split_last(images, digits.target.astype(np.int32))
+    return ImageSplits(tr, va, trl, val, 10, [str(i) for i in range(10)],
+                       split=f"first {len(tr)} train / last {len(va)} validation")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped or not): big-endian int32 magic, dims, then a uint8 payload."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic = int.from_bytes(data[:4], "big")
+    if magic >> 8 != 0x08:  # 0x0000 08 nd: unsigned bytes, nd dimensions
+        raise ValueError(f"{path} is not a uint8 IDX file (magic {magic:#010x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    payload = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {payload.size} bytes")
+    return payload.reshape(dims)
+
+
+def load_mnist(path: str | Path) -> ImageSplits:
+    folder = resolve_path(path, "data.path (mnist folder)")
+
+    def find(stem):
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+        return None
+
+    test_images, test_labels = find("t10k-images-idx3-ubyte"), find("t10k-labels-idx1-ubyte")
+    if test_images is None or test_labels is None:
+        raise ValueError(f"{folder} lacks t10k-images-idx3-ubyte.gz / t10k-labels-idx1-ubyte.gz")
+    images, labels = read_idx(test_images)[..., None], read_idx(test_labels).astype(np.int32)
+    train_images, train_labels = find("train-images-idx3-ubyte"), find("train-labels-idx1-ubyte")
+    if train_images is not None and train_labels is not None:
+        return ImageSplits(read_idx(train_images)[..., None], images,
+                           read_idx(train_labels).astype(np.int32), labels, 10,
+                           [str(i) for i in range(10)], split="train files / t10k validation")
+    tr, va, trl, val = _split_last(images, labels)
+    return ImageSplits(tr, va, trl, val, 10, [str(i) for i in range(10)],
+                       split=f"no train images: t10k split {len(tr)} train / {len(va)} validation")
+
+
+def load_binarized_mnist(path: str | Path) -> ImageSplits:
+    file = resolve_path(path, "data.path (binarized_mnist .npz)")
+    if file.is_dir():
+        file = file / "binarized_mnist.npz"
+    with np.load(file) as npz:  # plain arrays: allow_pickle stays False
+        missing = {"train", "valid"} - set(npz.files)
+        if missing:
+            raise ValueError(f"{file} lacks arrays {sorted(missing)} (has {npz.files})")
+        train, valid = npz["train"], npz["valid"]
+    shape = (-1, 28, 28, 1)
+    return ImageSplits(train.reshape(shape), valid.reshape(shape),
+                       split="train / valid (labels exist only for test: batches carry none)")
+
+
+def _cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    # The CIFAR-10 "python version" IS a pickle, so pickle.load is the only way to read it;
+    # unpickling can run code, so point data.path only at files from a trusted source.
+    with open(file, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if data is None or labels is None:
+        raise ValueError(f"{file} is not a CIFAR-10 batch (expected 'data' and 'labels' keys)")
+    images = np.asarray(data, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, np.asarray(labels, np.int32)
+
+
+def load_cifar10(path: str | Path) -> ImageSplits:
+    folder = resolve_path(path, "data.path (cifar10 folder)")
+    if (folder / "cifar-10-batches-py").is_dir():
+        folder = folder / "cifar-10-batches-py"
+    train_files = [folder / f"data_batch_{i}" for i in range(1, 6)
+                   if (folder / f"data_batch_{i}").is_file()]
+    if not train_files or not (folder / "test_batch").is_file():
+        raise ValueError(f"{folder} needs data_batch_1..5 (at least one) and test_batch, the "
+                         "CIFAR-10 python batches")
+    parts = [_cifar_batch(f) for f in train_files]
+    val_images, val_labels = _cifar_batch(folder / "test_batch")
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+             "truck"]
+    return ImageSplits(np.concatenate([p[0] for p in parts]), val_images,
+                       np.concatenate([p[1] for p in parts]), val_labels, 10, names,
+                       split=f"{', '.join(f.name for f in train_files)} / test_batch")
+
+
+def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> ImageSplits:
+    from PIL import Image
+
+    folder = resolve_path(path, "data.path (image folder)")
+
+    def images_in(d: Path) -> list[Path]:
+        return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and images_in(d))
+    top = images_in(folder)
+    if classes and top:
+        raise ValueError(f"{folder} holds images both at the top and in sub-folders {classes}: "
+                         "expected one or the other (sub-folder = class)")
+    files = ([(f, i) for i, c in enumerate(classes) for f in images_in(folder / c)] if classes
+             else [(f, -1) for f in top])
+    if len(files) < 2:
+        raise ValueError(f"{folder} holds {len(files)} PNG/JPEG images; expected at least 2")
+    arrays = []
+    for file, _ in files:
+        with Image.open(file) as im:
+            im = im.convert("RGB")
+            if image_size is not None:
+                im = im.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
+            arrays.append(np.asarray(im, np.uint8))
+    sizes = {a.shape[:2] for a in arrays}
+    if len(sizes) > 1:
+        raise ValueError(f"images in {folder} have different sizes {sorted(sizes)}: set "
+                         "data.image_size=[height, width] to resize them")
+    images = np.stack(arrays)
+    if np.all(images == images[..., :1]):  # every image grey: one channel
+        images = images[..., :1]
+    labels = np.array([label for _, label in files], np.int32) if classes else None
+    order = np.random.default_rng(0).permutation(len(images))  # classes are sorted on disk
+    images = images[order]
+    labels = None if labels is None else labels[order]
+    tr, va, trl, val = _split_last(images, labels)
+    return ImageSplits(tr, va, trl, val, len(classes) or None, classes or None,
+                       split=f"fixed permutation: {len(tr)} train / {len(va)} validation")
+
+
+def load_source(config: ImageDataConfig) -> ImageSplits:
+    path = config.path or DEFAULT_PATHS.get(config.source)
+    if config.source == "digits":
+        return load_digits_source()
+    if config.source == "mnist":
+        return load_mnist(path)
+    if config.source == "binarized_mnist":
+        return load_binarized_mnist(path)
+    if config.source == "cifar10":
+        return load_cifar10(path)
+    return load_image_folder(path, config.image_size)
+
+
+# ----------------------------------------------------------------------------- levels
+
+
+def requantize(images: np.ndarray, native: int, levels: int) -> np.ndarray:
+    """Levels [0, native) -> [0, levels) in equal-width bins (identity when levels == native)."""
+    images = images.astype(np.int32)
+    return images if levels == native else images * levels // native
+
+
+def levels_to_uint8(sample, num_levels: int) -> np.ndarray:
+    """One generated image (levels [H, W, C]) -> uint8 [H, W, C] spanning 0..255."""
+    sample = np.asarray(sample, np.float32)
+    return np.clip(np.rint(sample * (255.0 / (num_levels - 1))), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class _Gather:
+    """Grain map: a batch of example indices -> the batch of images (and labels)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray | None):
+        self.images, self.labels = images, labels
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        batch = {"images": self.images[indices]}
+        if self.labels is not None:
+            batch["labels"] = self.labels[indices]
+        return batch
+
+
+def train_dataset(images: np.ndarray, labels: np.ndarray | None, *, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """Infinite MapDataset of batches: a seeded shuffle, reshuffled every epoch; process p keeps
+    the examples p, p + P, ... of the shuffled stream, batch_size // P of them per batch."""
+    per_process = batch_size // process_count
+    if len(images) < batch_size:
+        raise ValueError(f"the train split has {len(images)} images; one batch needs "
+                         f"{batch_size} (lower data.batch_size)")
+    ds = grain.MapDataset.range(len(images)).shuffle(seed=seed).repeat()
+    if process_count > 1:
+        ds = ds[process_index::process_count]
+    return ds.batch(per_process, drop_remainder=True).map(_Gather(images, labels))
+
+
+def validation_batches(images: np.ndarray, labels: np.ndarray | None, *, batch_size: int,
+                       num_batches: int, process_index: int = 0,
+                       process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Up to `num_batches` fixed batches from a fixed permutation (some splits are sorted by
+    class); each process keeps its own rows of every batch."""
+    if len(images) < batch_size:
+        raise ValueError(f"the validation split has {len(images)} images; one batch needs "
+                         f"{batch_size} (lower data.batch_size)")
+    num_batches = min(num_batches, len(images) // batch_size)
+    order = np.random.default_rng(0).permutation(len(images))[: num_batches * batch_size]
+    per_process = batch_size // process_count
+    gather = _Gather(images, labels)
+    batches = []
+    for rows in order.reshape(num_batches, batch_size):
+        mine = rows[process_index * per_process: (process_index + 1) * per_process]
+        batches.append(gather(mine))
+    return batches
+
+
+@register_data(ImageDataConfig)
+def build_image_data(config: ImageDataConfig, *, run_dir: Path | None = None,
+                     process_index: int = 0, process_count: int = 1) -> DataBundle:
+    del run_dir  # nothing is fitted: the data alone decides everything
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index}, process_count={process_count}: "
+                         "expected 0 <= process_index < process_count")
+    if config.batch_size % process_count:
+        raise ValueError(f"data.batch_size={config.batch_size} is not divisible by the "
+                         f"{process_count} processes; expected a multiple of {process_count}")
+    splits = load_source(config)
+    native, levels = NATIVE_LEVELS[config.source], config.levels
+    train_images = requantize(splits.train_images, native, levels)
+    val_images = requantize(splits.val_images, native, levels)
+    ds = train_dataset(train_images, splits.train_labels, batch_size=config.batch_size,
+                       seed=config.seed, process_index=process_index,
+                       process_count=process_count)
+    # In-memory gathers are cheap: one background thread keeps two batches ready.
+    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+    if config.num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+            flags.FLAGS.mark_as_parsed()
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.num_workers))
+    val = validation_batches(val_images, splits.val_labels, batch_size=config.batch_size,
+                             num_batches=config.val_batches, process_index=process_index,
+                             process_count=process_count)
+    height, width, channels = train_images.shape[1:]
+    info: dict[str, Any] = {
+        "source": config.source,
+        "num_levels": levels,
+        "native_levels": native,
+        "image_shape": (height, width, channels),
+        # Conditioning is the user's choice (model.num_classes); this says what the data allows.
+        "num_classes": splits.num_classes if splits.train_labels is not None else None,
+        "class_names": splits.class_names,
+        "split": splits.split,
+        "train_images": len(train_images),
+        "val_images": len(val_images),
+        "val_batches": len(val),
+    }
+    return DataBundle(
+        train=iter(iter_ds),
+        val_batches=val,
+        model_overrides={"image_shape": (height, width, channels), "num_levels": levels},
+        sample_kind="image",
+        decode=lambda sample: levels_to_uint8(sample, levels),
+        info=info,
+    )

@@ -1,0 +1,62 @@
+"""Rebuild a trained run from its directory: config, data pipeline, model weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+from omegaconf import OmegaConf
+
+from chainrule.checkpoint import Checkpointer, read_meta
+
+
+def config_types() -> dict[str, type]:
+    from chainrule.config import _schemas
+
+    return {cls.__name__: cls for group in _schemas().values() for cls in group.values()}
+
+
+def rebuild(type_name: str, values: dict):
+    """A dataclass config from its type name and saved values (checks run again)."""
+    cls = config_types()[type_name]
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+
+
+def load_run(run_dir: str | Path, step: int | None = None):
+    """(model, data bundle, restored step, saved config dict) of a trained run.
+
+    The run's saved config rebuilds the model and its data pipeline (with the tokenizer saved
+    in the run); weights come from checkpoint `step`, else the best, else the latest.
+    """
+    from chainrule.config import OptimizerConfig
+    from chainrule.data.base import build_data
+    from chainrule.models import build_model
+    from chainrule.training.loop import apply_data_overrides
+    from chainrule.training.optim import build_optimizer
+
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    meta = read_meta(ckpt_dir) if ckpt_dir.is_dir() else None
+    if not meta or "config" not in meta:
+        raise ValueError(f"no chainrule checkpoint in {run_dir}: expected a training run "
+                         f"directory with checkpoints/")
+    saved = meta["config"]
+    types = saved["_types"]
+    data = build_data(rebuild(types["data"], saved["data"]), run_dir=run_dir)
+    model_cfg = apply_data_overrides(rebuild(types["model"], saved["model"]),
+                                     data.model_overrides)
+    model = build_model(model_cfg, rngs=nnx.Rngs(params=0))
+    opt_cfg = OptimizerConfig(**saved["optimizer"])
+    tx = build_optimizer(opt_cfg, saved["trainer"]["steps"])[0]
+    from chainrule.models.base import TRAINABLE
+
+    optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE[opt_cfg.trainable])
+    graphdef, state = nnx.split((model, optimizer))
+    with Checkpointer(ckpt_dir) as checkpointer:
+        if step is None:
+            step = checkpointer.best_step() or checkpointer.latest_step()
+        restored = checkpointer.restore(
+            {"model": state, "key": jax.random.key_data(jax.random.key(0))}, step=step)
+    model, _ = nnx.merge(graphdef, restored.state["model"])
+    return model, data, restored.step, saved

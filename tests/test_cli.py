@@ -1,0 +1,77 @@
+"""train.py and sample.py as a user runs them: subprocesses on clean run directories."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def run(script, *args, check=True):
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=ENV, text=True,
+                          capture_output=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke")
+    proc = run("train.py", "debug=smoke", f"hydra.run.dir={run_dir}")
+    return run_dir, proc
+
+
+def test_train_smoke_writes_a_complete_run(smoke_run):
+    run_dir, proc = smoke_run
+    results = json.loads((run_dir / "metrics.json").read_text())
+    assert results["final_step"] == 6 and results["val_loss"] > 0
+    assert "val_perplexity" in results and "val_bits_per_char" in results
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/loss" in x for x in lines) and any("val/loss" in x for x in lines)
+    assert (run_dir / "tokenizer.json").exists()
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert "results: val_loss=" in proc.stdout
+
+
+def test_sample_cli_continues_a_prompt(smoke_run):
+    run_dir, _ = smoke_run
+    proc = run("sample.py", f"checkpoint={run_dir}", "prompt=ROMEO:", "sampler=top_k",
+               "sampler.num_samples=2", "sampler.max_length=20")
+    assert proc.stdout.count("ROMEO:") >= 2
+    written = list((run_dir / "samples").glob("*.txt"))
+    assert written and "ROMEO:" in "".join(p.read_text() for p in written)
+
+
+def test_rerun_in_the_same_directory_resumes(smoke_run, tmp_path):
+    run_dir = tmp_path / "again"
+    run("train.py", "debug=smoke", "trainer.steps=3", f"hydra.run.dir={run_dir}")
+    proc = run("train.py", "debug=smoke", f"hydra.run.dir={run_dir}")
+    assert "resuming" in proc.stdout and "from step 3" in proc.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["final_step"] == 6
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["trainer.stepz=10"], "stepz"),
+    (["trainer.steps=abc"], "steps"),
+    (["data=text_file", "data.path=/no/such/file.txt"], "/no/such/file.txt"),
+    (["hardware=tpu"], "JAX found 'cpu'"),
+    (["model.vocab_size=10"], "smaller than the data's vocabulary"),
+])
+def test_bad_input_exits_nonzero_with_a_readable_message(tmp_path, args, expected):
+    proc = run("train.py", "debug=smoke", f"hydra.run.dir={tmp_path / 'run'}", *args, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sample_cli_rejects_a_directory_without_checkpoints(tmp_path):
+    proc = run("sample.py", f"checkpoint={tmp_path}", check=False)
+    assert proc.returncode != 0 and "no chainrule checkpoint" in proc.stderr

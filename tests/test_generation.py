@@ -1,0 +1,208 @@
+"""Issue 3's generation engine: ragged prompts, stops, beam search, speculative sampling,
+prefix tuning — each against a reference or a property that must hold."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from chainrule.models import (
+    TransformerAutoregressiveModel,
+    TransformerConfig,
+    TransformerNetworkConfig,
+)
+from chainrule.models.base import PrefixParam
+from chainrule.sampling.speculative import speculative_sample
+
+
+def tiny(vocab=16, seq=32, positional="rope", layers=2, seed=0, width=32, **kw):
+    net = TransformerNetworkConfig(embed_dim=width, num_heads=2, positional_encoding=positional,
+                                   dropout_rate=0.0)
+    cfg = TransformerConfig(vocab_size=vocab, sequence_length=seq, network=net, num_layers=layers,
+                            **kw)
+    return TransformerAutoregressiveModel(cfg, rngs=nnx.Rngs(params=seed, sample=seed + 1))
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rope"])
+def test_ragged_prompts_decode_like_each_prompt_alone(positional):
+    model = tiny(positional=positional)
+    prompts = [np.array([3, 1, 4, 1, 5]), np.array([9, 2]), np.array([6, 5, 3, 5])]
+    for use_cache in (True, False):
+        batch = np.asarray(model.generate(len(prompts), temperature=0.0, prompt=prompts,
+                                          max_new_tokens=6, use_cache=use_cache))
+        for row, p in zip(batch, prompts, strict=True):
+            alone = np.asarray(model.generate(1, temperature=0.0, prompt=p, max_new_tokens=6,
+                                              use_cache=use_cache))[0]
+            np.testing.assert_array_equal(row[:len(p) + 6], alone)
+
+
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rope"])
+def test_cached_logits_equal_uncached_with_left_padding(positional):
+    model = tiny(positional=positional)
+    x = jax.random.randint(jax.random.key(0), (2, 12), 1, 16)
+    offsets = jnp.array([0, 3])
+    positions = jnp.maximum(jnp.arange(12)[None] - offsets[:, None], 0)
+    full = model(x, positions=positions, valid_from=offsets)["logits"]
+    out = model(x[:, :6], positions=positions[:, :6], cache=model.init_cache(2, 16),
+                cache_index=0, valid_from=offsets)
+    np.testing.assert_allclose(out["logits"][:, 3:], full[:, 3:6], atol=1e-5)
+    cache = out["cache"]
+    for t in range(6, 12):
+        out = model(x[:, t:t + 1], positions=positions[:, t:t + 1], cache=cache, cache_index=t,
+                    valid_from=offsets)
+        np.testing.assert_allclose(out["logits"][:, 0], full[:, t], atol=1e-5)
+        cache = out["cache"]
+    # the padded row equals the same tokens without padding
+    alone = model(x[1:, 3:])["logits"]
+    np.testing.assert_allclose(full[1, 3:], alone[0], atol=1e-5)
+
+
+def test_stop_tokens_min_new_tokens_and_padding():
+    model = tiny(pad_token_id=0)
+    free = np.asarray(model.generate(1, temperature=0.0, prompt=[3, 1], max_new_tokens=12))[0]
+    stop = int(free[4])  # the greedy path's third new token
+    out = np.asarray(model.generate(1, temperature=0.0, prompt=[3, 1], max_new_tokens=12,
+                                    stop_tokens=[stop]))[0]
+    first = 2 + list(free[2:]).index(stop)
+    np.testing.assert_array_equal(out[:first + 1], free[:first + 1])  # the stop token is kept
+    assert (out[first + 1:] == 0).all()  # then padding
+    late = np.asarray(model.generate(1, temperature=0.0, prompt=[3, 1], max_new_tokens=12,
+                                     stop_tokens=[stop], min_new_tokens=8))[0]
+    assert stop not in late[2:10]
+
+
+def test_repetition_penalty_matches_a_step_by_step_reference():
+    from chainrule.sampling import repetition_penalty
+
+    model = tiny(vocab=8)
+    for penalty in (1.0, 2.0, 50.0):
+        for use_cache in (True, False):
+            out = np.asarray(model.generate(1, temperature=0.0, prompt=[1, 5], max_new_tokens=8,
+                                            repetition_penalty=penalty, use_cache=use_cache))[0]
+            seq = [1, 5]
+            for _ in range(8):  # the obvious loop: full forward, penalise, argmax
+                logits = model(jnp.asarray(seq)[None])["logits"][:, -1]
+                logits = repetition_penalty(logits, jnp.asarray(seq)[None], penalty)
+                seq.append(int(jnp.argmax(logits[0])))
+            np.testing.assert_array_equal(out, seq)
+    heavy = np.asarray(model.generate(1, temperature=0.0, prompt=[1], max_new_tokens=7,
+                                      repetition_penalty=50.0))[0]
+    light = np.asarray(model.generate(1, temperature=0.0, prompt=[1], max_new_tokens=7))[0]
+    assert len(set(heavy)) >= len(set(light))
+
+
+def test_greedy_generate_cache_and_beam_of_one_agree():
+    model = tiny()
+    prompt = np.array([2, 7, 1])
+    a = np.asarray(model.generate(1, 14, temperature=0.0, prompt=prompt, use_cache=False))
+    b = np.asarray(model.generate_with_cache(1, 14, temperature=0.0, prompt=prompt))
+    c, _ = model.beam_search(prompt=prompt, beam_size=1, max_length=14)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, np.asarray(c))
+
+
+def sequence_logprob(model, seq, start):
+    logp = jax.nn.log_softmax(model(jnp.asarray(seq)[None])["logits"][0])
+    return float(sum(logp[t - 1, seq[t]] for t in range(start, len(seq))))
+
+
+def test_beam_search_finds_the_true_top_k_by_enumeration():
+    vocab, new = 3, 3
+    model = tiny(vocab=vocab, width=16)
+    prompt = [1, 2]
+    scored = sorted(((sequence_logprob(model, prompt + list(s), 2), s)
+                     for s in itertools.product(range(vocab), repeat=new)), reverse=True)
+    k = vocab ** (new - 1)  # wide enough that no prefix of a top-k sequence is dropped
+    seqs, scores = model.beam_search(prompt=prompt, beam_size=k, max_length=2 + new)
+    got = [tuple(int(x) for x in s[2:]) for s in np.asarray(seqs)]
+    assert got == [s for _, s in scored[:k]]
+    np.testing.assert_allclose(np.asarray(scores), [v for v, _ in scored[:k]], atol=1e-4)
+
+
+def test_beam_search_keeps_finished_hypotheses():
+    model = tiny(vocab=6, pad_token_id=0)
+    seqs, scores = model.beam_search(prompt=[1], beam_size=4, max_length=8, eos_id=3)
+    for s in np.asarray(seqs):
+        s = list(s)
+        if 3 in s[1:]:
+            assert all(t == 0 for t in s[s.index(3, 1) + 1:])  # nothing grows after EOS
+    assert np.all(np.diff(np.asarray(scores)) <= 1e-6)  # best first
+
+
+def peaked(seed, layers, vocab):
+    model = tiny(vocab=vocab, layers=layers, seed=seed, width=16)
+    model.token_embed.embedding[...] = model.token_embed.embedding[...] * 6.0  # sharper
+    return model
+
+
+def test_speculative_sampling_preserves_the_target_distribution():
+    vocab, n = 5, 6000
+    target, draft = peaked(0, 2, vocab), peaked(11, 1, vocab)
+    prompt = np.array([1, 2])
+
+    def exact(model):
+        first = jax.nn.softmax(model(jnp.asarray(prompt)[None])["logits"][0, -1])
+        table = np.zeros((vocab, vocab))
+        for a in range(vocab):
+            second = jax.nn.softmax(model(jnp.asarray(np.r_[prompt, a])[None])["logits"][0, -1])
+            table[a] = first[a] * np.asarray(second)
+        return table
+
+    p, q = exact(target), exact(draft)
+    result = speculative_sample(target, draft, prompt, max_new_tokens=2, num_draft_tokens=3,
+                                temperature=1.0, n_samples=n, rngs=jax.random.key(0))
+    tokens = np.asarray(result.tokens)
+    empirical = np.zeros((vocab, vocab))
+    np.add.at(empirical, (tokens[:, 2], tokens[:, 3]), 1.0 / n)
+    tv = 0.5 * np.abs(empirical - p).sum()
+    tv_draft = 0.5 * np.abs(q - p).sum()
+    assert tv_draft > 0.2, "the test needs a draft that differs from the target"
+    assert tv < 0.04, (tv, tv_draft)
+    assert 0.0 < result.acceptance_rate < 1.0
+
+
+def test_speculative_at_temperature_zero_is_greedy_target_decoding():
+    target, draft = tiny(seed=0), tiny(seed=3, layers=1)
+    prompt = np.array([4, 2, 9])
+    result = speculative_sample(target, draft, prompt, max_new_tokens=12, num_draft_tokens=4,
+                                temperature=0.0, n_samples=2)
+    greedy = np.asarray(target.generate(1, 15, temperature=0.0, prompt=prompt))
+    np.testing.assert_array_equal(np.asarray(result.tokens), np.repeat(greedy, 2, axis=0))
+
+
+def fit(model, data, wrt, lr, steps):
+    opt = nnx.Optimizer(model, optax.adam(lr), wrt=wrt)
+
+    @nnx.jit
+    def step(model, opt):
+        loss, grads = nnx.value_and_grad(
+            lambda m: m.train_loss({"sequences": data}, training=False)["loss"],
+            argnums=nnx.DiffState(0, wrt))(model)
+        opt.update(model, grads)
+        return loss
+
+    return [float(step(model, opt)) for _ in range(steps)]
+
+
+def test_prefix_tuning_trains_only_the_prefix_and_lowers_the_loss():
+    vocab = 12
+    up = jnp.asarray((np.arange(vocab)[:, None] + np.arange(9)[None]) % vocab, jnp.int32)
+    down = jnp.asarray((np.arange(vocab)[:, None] - np.arange(9)[None]) % vocab, jnp.int32)
+    model = tiny(vocab=vocab, prefix_length=4)
+    # A base model that counts up, then a prefix that must make it count down.
+    fit(model, up, nnx.All(nnx.Param, nnx.Not(PrefixParam)), 1e-2, 150)
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    losses = fit(model, down, PrefixParam, 3e-2, 150)
+    assert losses[-1] < 0.2 * losses[0]
+    after = nnx.state(model, nnx.Param)
+    for (path, a), (_, b) in zip(before.flat_state(), after.flat_state(), strict=True):
+        changed = not np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+        assert changed == ("prefix_k" in path or "prefix_v" in path), path
+    # the prefix takes part in cached decoding too
+    np.testing.assert_array_equal(
+        np.asarray(model.generate(1, 12, temperature=0.0, prompt=[1, 2], use_cache=True)),
+        np.asarray(model.generate(1, 12, temperature=0.0, prompt=[1, 2], use_cache=False)))
