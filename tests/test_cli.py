@@ -49,6 +49,23 @@ def test_sample_cli_continues_a_prompt(smoke_run):
     assert written and "ROMEO:" in "".join(p.read_text() for p in written)
 
 
+def test_sample_cli_beam_speculative_and_prompt_file(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    proc = run("sample.py", f"checkpoint={run_dir}", "sampler=beam", "prompt=KING:",
+               "sampler.beam_size=3", "sampler.num_samples=2", "sampler.max_new_tokens=6")
+    assert proc.stdout.count("beam score") == 2
+    # a model drafting for itself: every draft token is accepted
+    proc = run("sample.py", f"checkpoint={run_dir}", "sampler=speculative",
+               f"sampler.draft_checkpoint={run_dir}", "prompt=KING:", "sampler.num_samples=2",
+               "sampler.max_new_tokens=9", "sampler.num_draft_tokens=3")
+    assert "acceptance 1.00" in proc.stdout
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("ROMEO:\nJULIET:\n")
+    proc = run("sample.py", f"checkpoint={run_dir}", f"prompt_file={prompts}",
+               "sampler.num_samples=2", "sampler.max_new_tokens=5", "sampler=greedy")
+    assert proc.stdout.count("ROMEO:") == 2 and proc.stdout.count("JULIET:") == 2
+
+
 def test_rerun_in_the_same_directory_resumes(smoke_run, tmp_path):
     run_dir = tmp_path / "again"
     run("train.py", "debug=smoke", "trainer.steps=3", f"hydra.run.dir={run_dir}")

@@ -16,7 +16,8 @@ GROUPS = ["model", "data", "optimizer", "sampler", "hardware", "logger", "debug"
 FAMILY_OF_DATA = {"TextDataConfig": "transformer", "ImageDataConfig": "pixelcnn",
                   "AudioDataConfig": "wavenet"}
 NEEDS_PATH = {"text_file": ["data.path=README.md"], "image_folder": ["data.path=."],
-              "wav_folder": ["data.path=."], "mnist": [], "cifar10": ["data.path=."]}
+              "wav_folder": ["data.path=."], "mnist": [], "cifar10": ["data.path=."],
+              "speculative": ["sampler.draft_checkpoint=."]}
 
 
 def options(group):

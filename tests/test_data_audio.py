@@ -95,14 +95,20 @@ def test_other_rates_are_resampled(tmp_path):
     np.testing.assert_allclose(np.abs(x[500:3500]).max(), 0.5, atol=0.01)  # and its level
 
 
-def test_resample_matches_scipy_and_removes_aliases():
-    x = np.random.default_rng(0).normal(size=2000)
-    signal = pytest.importorskip("scipy.signal")
-    for orig, target in [(44100, 8000), (8000, 16000), (16000, 8000)]:
-        np.testing.assert_allclose(resample(x, orig, target),
-                                   signal.resample_poly(x, target, orig), atol=1e-5)
+def test_resample_removes_aliases():
     # A 6 kHz tone is above the 4 kHz Nyquist of 8 kHz audio: it must be filtered, not aliased.
     assert np.abs(resample(sine(6000, 16000, 0.5), 16000, 8000)[100:-100]).max() < 0.01
+    # A 1 kHz tone passes unchanged.
+    np.testing.assert_allclose(resample(sine(1000, 16000, 0.5), 16000, 8000)[100:-100],
+                               sine(1000, 8000, 0.5)[100:-100], atol=2e-3)
+
+
+def test_resample_matches_scipy():
+    signal = pytest.importorskip("scipy.signal")  # the reference, not a dependency
+    x = np.random.default_rng(0).normal(size=2000)
+    for orig, target in [(44100, 8000), (8000, 16000), (16000, 8000), (11025, 8000)]:
+        np.testing.assert_allclose(resample(x, orig, target),
+                                   signal.resample_poly(x, target, orig), atol=1e-5)
 
 
 @pytest.mark.parametrize("content, match", [
@@ -161,8 +167,10 @@ def test_synthetic_source():
     assert bundle.info["label_names"][0] == "C" and bundle.model_overrides["num_classes"] == 12
     # Not silence: real tones (the μ-law codes spread well beyond the middle).
     assert np.std(bundle.val_batches[0]["waveform"]) > 10
-    check_bundle(build_data(AudioDataConfig(sequence_length=100, batch_size=2)), config=
-                 AudioDataConfig(sequence_length=100, batch_size=2), labelled=False)
+    unlabelled = AudioDataConfig(sequence_length=100, batch_size=2)
+    bundle = build_data(unlabelled)
+    check_bundle(bundle, unlabelled, labelled=False)
+    assert bundle.model_overrides == {"vocab_size": 256}
 
 
 def test_train_iterator_is_seeded_and_checkpointable():

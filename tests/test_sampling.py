@@ -70,3 +70,13 @@ def test_knobs_are_traced_not_static():
     for t, k, p in [(1.0, 1, 0.9), (0.5, 3, 1.0), (0.0, 0, 0.5)]:
         fn(jax.random.key(0), logits, t, k, p)
     assert fn._cache_size() == 1  # one compilation serves every setting
+
+
+def test_fused_processing_equals_the_filters_in_sequence():
+    from chainrule.sampling import temperature_scale
+
+    logits = jax.random.normal(jax.random.key(5), (6, 40)) * 3
+    for t, k, p in [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 12, 0.6), (1.0, 1, 0.1)]:
+        expected = top_p_filter(top_k_filter(temperature_scale(logits, t), k), p)
+        np.testing.assert_array_equal(np.asarray(process_logits(logits, temperature=t, top_k=k,
+                                                                top_p=p)), np.asarray(expected))

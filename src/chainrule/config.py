@@ -63,23 +63,47 @@ class OptimizerConfig:
         _check(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
 
+SAMPLERS = ("greedy", "temperature", "top_k", "top_p", "beam", "speculative")
+
+
 @dataclasses.dataclass
 class SamplerConfig:
-    """How samples are drawn (train-time previews and sample.py). temperature 0 = greedy."""
+    """How samples are drawn (train-time previews and sample.py). temperature 0 = greedy.
+
+    `name` picks the strategy: greedy / temperature / top_k / top_p all sample token by token
+    (the knobs combine); `beam` runs beam search (token models); `speculative` drafts with
+    the model of `draft_checkpoint` and verifies with the trained one (token models).
+    """
 
     name: str = "top_p"
     temperature: float = 0.8
     top_k: int | None = None
     top_p: float | None = 0.9
-    num_samples: int = 4
-    max_length: int | None = None  # tokens (prompt included); None = the model's context
+    repetition_penalty: float = 1.0
+    num_samples: int = 4  # per prompt
+    max_length: int | None = None  # in all, prompt included; None = the model's context
+    max_new_tokens: int | None = None  # instead of max_length: this many after the prompt
+    min_new_tokens: int = 0
+    stop_tokens: tuple[int, ...] = ()
+    beam_size: int = 4
+    length_penalty: float = 0.0
+    draft_checkpoint: str | None = None
+    num_draft_tokens: int = 4
 
     def __post_init__(self) -> None:
+        _check(self.name in SAMPLERS, f"sampler.name={self.name!r}; expected one of {SAMPLERS}")
         _check(self.temperature >= 0, f"sampler.temperature must be >= 0, got {self.temperature}")
         _check(self.top_k is None or self.top_k >= 0, f"sampler.top_k must be >= 0, got {self.top_k}")
         _check(self.top_p is None or 0 < self.top_p <= 1,
                f"sampler.top_p must be in (0, 1], got {self.top_p}")
+        _check(self.repetition_penalty > 0,
+               f"sampler.repetition_penalty must be > 0, got {self.repetition_penalty}")
         _check(self.num_samples > 0, f"sampler.num_samples must be > 0, got {self.num_samples}")
+        _check(self.beam_size > 0, f"sampler.beam_size must be > 0, got {self.beam_size}")
+        _check(self.num_draft_tokens > 0,
+               f"sampler.num_draft_tokens must be > 0, got {self.num_draft_tokens}")
+        _check(self.name != "speculative" or self.draft_checkpoint is not None,
+               "sampler=speculative needs sampler.draft_checkpoint=<run dir of the draft model>")
 
     def kwargs(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
@@ -139,6 +163,7 @@ class SampleConfig:
     checkpoint: str = MISSING  # a run directory (or its checkpoints/ folder)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     prompt: str | None = None
+    prompt_file: str | None = None  # one prompt per line ("\\n" for a line break inside one)
     step: int | None = None  # None = the best checkpoint if there is one, else the latest
     seed: int = 0
     output: str | None = None  # default: <run dir>/samples/

@@ -35,4 +35,4 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
 def quiet_libraries() -> None:
     """Hydra logs at INFO; Orbax (absl) and JAX's backend probing are too chatty there."""
     for name in ("absl", "jax._src.xla_bridge", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -21,10 +21,26 @@ from chainrule.config import SampleConfig, register_configs, to_object
 from chainrule.training.restore import load_run
 
 
+def read_prompts(sc: SampleConfig) -> list[str] | None:
+    if sc.prompt is not None and sc.prompt_file is not None:
+        raise ValueError("give prompt= or prompt_file=, not both")
+    if sc.prompt_file is not None:
+        path = Path(sc.prompt_file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"prompt_file={sc.prompt_file!r} is not a readable file")
+        lines = [line.replace("\\n", "\n") for line in path.read_text().splitlines()]
+        prompts = [line for line in lines if line]
+        if not prompts:
+            raise ValueError(f"prompt_file={sc.prompt_file!r} holds no prompt (one per line)")
+        return prompts
+    return None if sc.prompt is None else [sc.prompt.replace("\\n", "\n")]
+
+
 @fail_cleanly
 def run(cfg: DictConfig) -> None:
     quiet_libraries()
     sc: SampleConfig = to_object(cfg)
+    from chainrule.sampling.draw import draw
     from chainrule.tracking import LoggerConfig, Tracker
 
     run_dir = Path(sc.checkpoint).expanduser()
@@ -33,26 +49,26 @@ def run(cfg: DictConfig) -> None:
     if not run_dir.is_dir():
         raise ValueError(f"checkpoint={sc.checkpoint!r} is not a directory: expected a run "
                          f"directory written by train.py")
+    texts = read_prompts(sc)
     model, data, step, _ = load_run(run_dir, sc.step)
-    kwargs = sc.sampler.kwargs()
-    if sc.sampler.max_length is not None:
-        kwargs["max_length"] = sc.sampler.max_length
-    if sc.prompt is not None:
+    prompts = None
+    if texts is not None:
         if data.encode is None:
-            raise ValueError("prompt= is for token models; this run's data has no tokenizer")
-        kwargs["prompt"] = np.asarray(data.encode(sc.prompt), np.int32)
-    key = jax.random.key(sc.seed)
-    samples = np.asarray(model.generate(n_samples=sc.sampler.num_samples,
-                                        rngs=nnx.Rngs(sample=key), **kwargs))
+            raise ValueError("prompts are for token models; this run's data has no tokenizer")
+        prompts = [np.asarray(data.encode(t), np.int32) for t in texts]
+    draft = None
+    if sc.sampler.name == "speculative":
+        draft, _, _, _ = load_run(Path(sc.sampler.draft_checkpoint).expanduser())
+    samples, notes = draw(model, sc.sampler, key=jax.random.key(sc.seed), prompts=prompts,
+                          draft=draft)
     decoded = [data.decode(s) if data.decode else s for s in samples]
     out_dir = Path(sc.output) if sc.output else run_dir
     tracker = Tracker(out_dir, {}, LoggerConfig(backend="none"))
-    paths = tracker.log_samples(data.sample_kind, decoded, step,
+    paths = tracker.log_samples(data.sample_kind, decoded, step, captions=notes,
                                 sample_rate=data.info.get("sample_rate"))
     tracker.finish()
-    if data.sample_kind != "text":
-        print(f"{len(decoded)} samples from step {step}")
-    print("written: " + ", ".join(str(p) for p in paths))
+    print(f"{len(decoded)} samples from step {step}; written: "
+          + ", ".join(str(p) for p in paths))
 
 
 def main() -> None:

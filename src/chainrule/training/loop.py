@@ -7,9 +7,14 @@ which extra metrics make sense) comes from those two.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +31,55 @@ from chainrule.data.base import DataBundle, build_data
 from chainrule.models import AutoregressiveModel, build_model, family_name
 from chainrule.models.base import TRAINABLE
 from chainrule.tracking import Tracker
+from chainrule.sampling.draw import draw
 from chainrule.training.optim import build_optimizer
 from chainrule.training.steps import Steps, stack_batches
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (non-finite loss, ...); the last good checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """One training process per run directory: a second one fails instead of interleaving."""
+    path = run_dir / ".lock"
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise ValueError(f"another process (pid {handle.read().strip() or '?'}) is training "
+                             f"in {run_dir}; wait for it or use another run directory") from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def preemption_flag():
+    """An Event set on SIGTERM (preemption), so the loop can checkpoint and stop cleanly."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint; exits with 143 like an unhandled SIGTERM."""
+
+    def __init__(self, step: int):
+        super().__init__(143)
+        self.step = step
 
 
 def check_hardware(hardware: HardwareConfig) -> None:
@@ -110,20 +158,28 @@ def _host(tree) -> dict[str, float]:
 
 
 def generate_samples(model: AutoregressiveModel, data: DataBundle, sampler, key) -> list:
-    """Draw `sampler.num_samples` samples and decode them for people."""
-    kwargs = sampler.kwargs()
-    if sampler.max_length is not None:
-        kwargs["max_length"] = sampler.max_length
-    samples = model.generate(n_samples=sampler.num_samples, rngs=nnx.Rngs(sample=key), **kwargs)
-    samples = np.asarray(samples)
+    """Preview samples for the logs, decoded for people (speculative needs a draft model, so
+    previews use its token-by-token knobs instead)."""
+    if sampler.name == "speculative":
+        sampler = dataclasses.replace(sampler, name="temperature")
+    samples, _ = draw(model, sampler, key=key)
     return [data.decode(s) if data.decode else s for s in samples]
 
 
 def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -> dict[str, Any]:
-    """Train (or resume) the run in `run_dir`; returns the final results (also metrics.json)."""
+    """Train (or resume) the run in `run_dir`; returns the final results (also metrics.json).
+
+    SIGTERM checkpoints the current step and exits (code 143); re-running resumes there.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     check_hardware(cfg.hardware)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir), preemption_flag() as preempted:
+        return _train(cfg, run_dir, config_dict, preempted)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
+           preempted: threading.Event) -> dict[str, Any]:
     trainer = cfg.trainer
     data, model_config, model = build_run(cfg, run_dir)
     wrt = TRAINABLE[cfg.optimizer.trainable]
@@ -164,6 +220,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
     t_start = time.perf_counter()
 
     def save(step: int, val_metrics: dict | None, data_state: dict) -> None:
+        # A non-finite state never replaces the last good checkpoint.
+        loss_sum = float(jax.device_get(totals["loss"]))
+        if not math.isfinite(loss_sum):
+            raise TrainingError(f"training loss became {loss_sum} before step {step}: stopped "
+                                f"without saving; the last good checkpoint is kept")
         meta = {"model_family": family, "wandb_run_id": tracker.run_id,
                 "best_val_loss": best_val, "config": config_dict or {}}
         metrics = {"val_loss": val_metrics["loss"]} if val_metrics else None
@@ -191,6 +252,11 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
         val_metrics = None
         for step in range(start_step + 1, trainer.steps + 1):
             state, totals = steps.train_step(state, totals, batch, jnp.int32(step))
+            if preempted.is_set():
+                save(step, None, data.train.get_state())
+                checkpointer.wait()
+                bar.write(f"SIGTERM: saved step {step} in {run_dir}; re-run to resume")
+                raise Preempted(step)
             checkpoint_now = step % trainer.checkpoint_every == 0 or step == trainer.steps
             if checkpoint_now:  # the position before the next batch is what a resume needs
                 data_state = data.train.get_state()
