@@ -132,8 +132,13 @@ class TrainerConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     progress: bool = True
+    # A step with a NaN/Inf loss or gradient is never applied; "stop" ends the run there
+    # (naming the step), "skip" drops the step and goes on (chainrule.training.nonfinite).
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
+        _check(self.on_nonfinite in ("stop", "skip"),
+               f"trainer.on_nonfinite={self.on_nonfinite!r}; expected 'stop' or 'skip'")
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, name) > 0, f"trainer.{name} must be > 0, got {getattr(self, name)}")
         _check(self.sample_every >= 0, f"trainer.sample_every must be >= 0, got {self.sample_every}")

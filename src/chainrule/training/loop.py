@@ -30,8 +30,9 @@ from chainrule.config import HardwareConfig, TrainConfig
 from chainrule.data.base import DataBundle, build_data
 from chainrule.models import AutoregressiveModel, build_model, family_name
 from chainrule.models.base import TRAINABLE
-from chainrule.tracking import Tracker
 from chainrule.sampling.draw import draw
+from chainrule.tracking import Tracker
+from chainrule.training.nonfinite import NonFinite, state_is_finite
 from chainrule.training.optim import build_optimizer
 from chainrule.training.steps import Steps, stack_batches
 
@@ -219,12 +220,31 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
     results: dict[str, Any] = {}
     t_start = time.perf_counter()
 
+    def stop_without_saving(reason: str) -> TrainingError:
+        kept = checkpointer.latest_step()
+        return TrainingError(f"{reason}; stopped without saving; " + (
+            "no checkpoint was written yet" if kept is None
+            else f"the last checkpoint, step {kept}, is kept"))
+
+    def check_nonfinite(host_totals: dict[str, float], window: int | None = None) -> NonFinite:
+        """Pops the non-finite counters from fetched totals; stops the run under
+        on_nonfinite=stop, or when all `window` steps since the last log were skipped."""
+        faults = NonFinite.take(host_totals)
+        if faults.count and trainer.on_nonfinite == "stop":
+            raise stop_without_saving(f"{faults.describe()} (trainer.on_nonfinite=stop)")
+        if faults.count and faults.count == window:
+            raise stop_without_saving(f"{faults.describe()}: all {window} steps since the last "
+                                      "log were skipped")
+        return faults
+
     def save(step: int, val_metrics: dict | None, data_state: dict) -> None:
-        # A non-finite state never replaces the last good checkpoint.
-        loss_sum = float(jax.device_get(totals["loss"]))
-        if not math.isfinite(loss_sum):
-            raise TrainingError(f"training loss became {loss_sum} before step {step}: stopped "
-                                f"without saving; the last good checkpoint is kept")
+        # A bad state never replaces the last good checkpoint: under `stop` no non-finite step
+        # since the last log, and never a non-finite array (an update that overflowed).
+        if trainer.on_nonfinite == "stop":
+            check_nonfinite(_host(totals))
+        if not state_is_finite(state):
+            raise stop_without_saving(f"step {step}: the parameters or optimizer state are not "
+                                      "finite (an update overflowed)")
         meta = {"model_family": family, "wandb_run_id": tracker.run_id,
                 "best_val_loss": best_val, "config": config_dict or {}}
         metrics = {"val_loss": val_metrics["loss"]} if val_metrics else None
@@ -236,7 +256,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
         nonlocal best_val
         metrics = derived_metrics(_host(steps.evaluate(state, val)), scales)
         if not math.isfinite(metrics["loss"]):
-            raise TrainingError(f"validation loss is {metrics['loss']} at step {step}")
+            raise stop_without_saving(f"step {step}: the validation loss is {metrics['loss']}")
         best_val = min(best_val, metrics["loss"])
         tracker.log({f"val/{k}": v for k, v in metrics.items()}, step)
         return metrics
@@ -263,15 +283,18 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
             batch = next(data.train)  # the host fetches the next batch while the step runs
             bar.update(1)
             if step % trainer.log_every == 0 or step == trainer.steps:
-                train_metrics = summarise(_host(totals), scales)
+                host_totals = _host(totals)
+                faults = check_nonfinite(host_totals, window=step - last_log_step)
+                train_metrics = summarise(host_totals, scales)
                 totals = jax.tree.map(jnp.zeros_like, totals)
-                if not math.isfinite(train_metrics["loss"]):
-                    raise TrainingError(f"training loss is {train_metrics['loss']} at step "
-                                        f"{step}: stopped; the last good checkpoint is kept")
                 now = time.perf_counter()
                 elapsed = now - last_log_time
                 done = step - last_log_step
                 logged = {f"train/{k}": v for k, v in train_metrics.items()}
+                if trainer.on_nonfinite == "skip":
+                    logged["train/skipped_steps"] = faults.count
+                    if faults.count:
+                        bar.write(f"skipped non-finite steps: {faults.describe()}")
                 logged["train/lr"] = float(schedule(step - 1))
                 logged["perf/step_time_s"] = elapsed / done
                 logged["perf/tokens_per_s"] = tokens_per_step * done / elapsed

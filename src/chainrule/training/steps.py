@@ -3,7 +3,8 @@
 The step functions are pure: they take the flat nnx state, merge it with the static graph
 definition inside `jax.jit` (a trace-time cost only) and return the new state. The state is
 donated, so parameters and optimizer moments are updated in place. Metrics are summed on
-device and only fetched when the loop logs.
+device and only fetched when the loop logs. A step whose loss or gradient is not finite is
+not applied (`chainrule.training.nonfinite`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from chainrule.training import nonfinite
 
 
 class Steps:
@@ -40,13 +43,15 @@ class Steps:
         return grads, metrics
 
     def _train_step(self, state, totals, batch, step):
+        before = jax.tree.map(lambda x: x, state)  # merge shares `state`'s variables
         model, optimizer = nnx.merge(self.graphdef, state)
         grads, metrics = self._grads(model, batch, step)
         optimizer.update(model, grads)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-        metrics = dict(metrics, count=jnp.ones((), jnp.float32))
-        totals = {k: totals[k] + metrics[k].astype(jnp.float32) for k in totals}
-        return nnx.state((model, optimizer)), totals
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads),
+                       count=jnp.ones((), jnp.float32))
+        new_state, finite = nonfinite.guard(before, nnx.state((model, optimizer)),
+                                            metrics["loss"], metrics["grad_norm"])
+        return new_state, nonfinite.accumulate(totals, metrics, finite, step)
 
     def zero_totals(self, state, batch) -> dict[str, jax.Array]:
         """Zeroed metric sums with the structure the train step produces."""
@@ -58,7 +63,7 @@ class Steps:
         totals = {k: jnp.zeros((), jnp.float32) for k in shapes}
         totals["grad_norm"] = jnp.zeros((), jnp.float32)
         totals["count"] = jnp.zeros((), jnp.float32)
-        return totals
+        return totals | nonfinite.zero_counters()
 
     def flops_per_step(self, state, totals, batch) -> float | None:
         """XLA's count of the train step's FLOPs (from the lowered program; no compile)."""
