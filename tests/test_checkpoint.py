@@ -265,3 +265,18 @@ def test_restore_places_arrays_with_requested_shardings(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, str(tmp_path / "ck")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "SHARDED-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_damaged_best_step_falls_back_to_the_newest_readable(tmp_path: Path) -> None:
+    ckpt = Checkpointer(tmp_path, keep_last=3, keep_best=1)
+    states = {step: _state(step) for step in (1, 2, 3)}
+    for step, loss in ((1, 2.0), (2, 1.0), (3, 3.0)):
+        ckpt.save(step, states[step], metrics={"val_loss": loss})
+    assert ckpt.best_step() == 2
+    _assert_bitwise_equal(ckpt.restore_best(_abstract(states[2])).state, states[2])
+    (tmp_path / "2" / "state" / "manifest.ocdbt").unlink()
+    with pytest.warns(UserWarning, match=r"step 2 .*damaged.*newest readable step"):
+        restored = ckpt.restore_best(_abstract(states[2]))
+    assert restored.step == 3
+    _assert_bitwise_equal(restored.state, states[3])
+    assert Checkpointer(tmp_path / "empty").restore_best(_abstract(states[1])) is None

@@ -13,14 +13,18 @@ directory and renames it on commit, so a crash mid-save leaves no half step behi
 damaged afterwards (lost or truncated files) is detected when `restore()` reads it, and
 `restore()` then falls back to the newest step that reads cleanly, with a warning naming the
 damaged step; the damaged steps are deleted only when a later save needs their step numbers.
+A save that fails (a full disk) removes its partial step and raises CheckpointSaveError; the
+steps before it stay as they were.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import operator
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +35,12 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 PyTree = Any
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # how Orbax names a step until its save commits
+
+
+class CheckpointSaveError(OSError):
+    """A step could not be written (disk full, quota, I/O error). The partial step is removed;
+    the steps saved before it are untouched and restorable."""
 
 
 @dataclasses.dataclass
@@ -167,12 +177,35 @@ class Checkpointer:
         if meta is not None:
             args["meta"] = ocp.args.JsonSave(meta)
         # An empty dict (rather than None) keeps Orbax from warning about missing metrics.
-        return bool(self._manager.save(step, args=ocp.args.Composite(**args),
-                                       metrics=clean_metrics, force=force))
+        try:
+            return bool(self._manager.save(step, args=ocp.args.Composite(**args),
+                                           metrics=clean_metrics, force=force))
+        except OSError as e:
+            raise self._save_failed(step, e) from e
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are committed."""
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except OSError as e:
+            raise self._save_failed(None, e) from e
+
+    def _save_failed(self, step: int | None, error: OSError) -> CheckpointSaveError:
+        """Remove what the failed save wrote (Orbax writes a step into a temporary directory
+        and renames it on commit, so nothing committed is touched) and say what is left."""
+        for partial in self.directory.glob(f"{'*' if step is None else step}{_TMP_SUFFIX}*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        latest = self.latest_step()
+        kept = ("no earlier checkpoint exists" if latest is None else
+                f"the last complete checkpoint, step {latest}, is intact and a re-run of the "
+                "same command resumes from it")
+        what = "a checkpoint" if step is None else f"checkpoint step {step}"
+        reason = error.strerror or _short(error)
+        hint = "; free some disk space first" if error.errno == errno.ENOSPC else ""
+        err = CheckpointSaveError(f"{what} could not be written to {self.directory} ({reason}); "
+                                  f"{kept}{hint}")
+        err.errno = error.errno
+        return err
 
     def close(self) -> None:
         self._manager.close()
@@ -234,10 +267,7 @@ class Checkpointer:
                 restored = self._restore_step(candidate, abstract)
             except Exception as e:  # damage surfaces as ValueError, JSONDecodeError, OSError...
                 failures.append((candidate, e))
-                self.damaged_steps.add(candidate)
-                warnings.warn(f"checkpoint step {candidate} in {self.directory} could not be "
-                              f"read ({type(e).__name__}: {_short(e)}); it is damaged or "
-                              "incomplete, falling back to an earlier step", stacklevel=2)
+                self._damaged(candidate, e, "falling back to an earlier step")
                 continue
             return restored
         first_step, first_error = failures[0]
@@ -245,6 +275,23 @@ class Checkpointer:
                            f"{[s for s, _ in failures]}); the error at step {first_step} was: "
                            f"{type(first_error).__name__}: {_short(first_error)}"
                            ) from first_error
+
+    def restore_best(self, abstract_state: PyTree) -> Restored | None:
+        """The best step (`best_step`) when it reads cleanly, else what `restore()` gives:
+        the newest step that does. None when there is no checkpoint."""
+        best = self.best_step()
+        if best is not None:
+            try:
+                return self._restore_step(best, jax.tree.map(_to_abstract, abstract_state))
+            except Exception as e:
+                self._damaged(best, e, "using the newest readable step instead of the best")
+        return self.restore(abstract_state)
+
+    def _damaged(self, step: int, error: Exception, fallback: str) -> None:
+        self.damaged_steps.add(step)
+        warnings.warn(f"checkpoint step {step} in {self.directory} could not be read "
+                      f"({type(error).__name__}: {_short(error)}); it is damaged or incomplete, "
+                      f"{fallback}", stacklevel=3)
 
     def _restore_step(self, step: int, abstract: PyTree) -> Restored:
         present = _items_present(self.directory, step)

@@ -34,6 +34,7 @@ from chainrule.sampling.draw import draw
 from chainrule.tracking import Tracker
 from chainrule.training.nonfinite import NonFinite, state_is_finite
 from chainrule.training.optim import build_optimizer
+from chainrule.training.restore import run_config
 from chainrule.training.steps import Steps, stack_batches
 
 
@@ -182,6 +183,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
 def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
            preempted: threading.Event) -> dict[str, Any]:
     trainer = cfg.trainer
+    config_dict = config_dict or run_config(cfg)  # what load_run rebuilds the run from
     data, model_config, model = build_run(cfg, run_dir)
     wrt = TRAINABLE[cfg.optimizer.trainable]
     if not jax.tree.leaves(nnx.state(model, wrt)):

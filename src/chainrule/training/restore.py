@@ -23,11 +23,20 @@ def rebuild(type_name: str, values: dict):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
 
 
+def run_config(cfg) -> dict:
+    """What a run saves of its TrainConfig with every checkpoint, for `load_run` to rebuild
+    the model and data from: the values, and the type names of the model and data schemas."""
+    record = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    record["_types"] = {"model": type(cfg.model).__name__, "data": type(cfg.data).__name__}
+    return record
+
+
 def load_run(run_dir: str | Path, step: int | None = None):
     """(model, data bundle, restored step, saved config dict) of a trained run.
 
     The run's saved config rebuilds the model and its data pipeline (with the tokenizer saved
-    in the run); weights come from checkpoint `step`, else the best, else the latest.
+    in the run); weights come from checkpoint `step`, else the best, else (none recorded, or
+    the best damaged) the newest readable one.
     """
     from chainrule.config import OptimizerConfig
     from chainrule.data.base import build_data
@@ -38,7 +47,7 @@ def load_run(run_dir: str | Path, step: int | None = None):
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     meta = read_meta(ckpt_dir) if ckpt_dir.is_dir() else None
-    if not meta or "config" not in meta:
+    if not meta or "_types" not in meta.get("config", {}):
         raise ValueError(f"no chainrule checkpoint in {run_dir}: expected a training run "
                          f"directory with checkpoints/")
     saved = meta["config"]
@@ -53,10 +62,9 @@ def load_run(run_dir: str | Path, step: int | None = None):
 
     optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE[opt_cfg.trainable])
     graphdef, state = nnx.split((model, optimizer))
+    abstract = {"model": state, "key": jax.random.key_data(jax.random.key(0))}
     with Checkpointer(ckpt_dir) as checkpointer:
-        if step is None:
-            step = checkpointer.best_step() or checkpointer.latest_step()
-        restored = checkpointer.restore(
-            {"model": state, "key": jax.random.key_data(jax.random.key(0))}, step=step)
+        restored = (checkpointer.restore_best(abstract) if step is None
+                    else checkpointer.restore(abstract, step=step))
     model, _ = nnx.merge(graphdef, restored.state["model"])
     return model, data, restored.step, saved
