@@ -75,18 +75,28 @@ def test_rerun_in_the_same_directory_resumes(smoke_run, tmp_path):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["trainer.stepz=10"], "stepz"),
-    (["trainer.steps=abc"], "steps"),
+    (["trainer.stepz=10"], "trainer.stepz is not a config key (did you mean trainer.steps?)"),
+    (["trainer.steps=abc"], "trainer.steps: Value 'abc' of type 'str' could not be converted"),
     (["data=text_file", "data.path=/no/such/file.txt"], "/no/such/file.txt"),
     (["hardware=tpu"], "JAX found 'cpu'"),
     (["model.vocab_size=10"], "smaller than the data's vocabulary"),
 ])
-def test_bad_input_exits_nonzero_with_a_readable_message(tmp_path, args, expected):
+def test_bad_input_exits_2_with_one_line_and_no_run_directory(tmp_path, args, expected):
+    """The rows of docs/reliability.md as a user meets them (all rows: test_bad_input.py)."""
     proc = run("train.py", "debug=smoke", f"hydra.run.dir={tmp_path / 'run'}", *args, check=False)
-    assert proc.returncode != 0
-    assert expected in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_another_family_in_a_run_directory_leaves_it_untouched(smoke_run):
+    run_dir, _ = smoke_run
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    proc = run("train.py", "model=pixelcnn", f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert "holds checkpoints of a transformer model, not pixelcnn" in proc.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 def test_sample_cli_rejects_a_directory_without_checkpoints(tmp_path):

@@ -5,6 +5,7 @@ data sets are read from ../shared/data beside the checkout and skipped when it i
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from chainrule.data import base
 from chainrule.data.images import (
     ImageDataConfig,
+    _cifar_batch,
     build_image_data,
     levels_to_uint8,
     read_idx,
@@ -203,6 +205,28 @@ def test_cifar10_from_fake_pickle_batches(tmp_path):
     (tmp_path / "test_batch").unlink()
     with pytest.raises(ValueError, match="test_batch"):
         build_image_data(ImageDataConfig(source="cifar10", path=str(tmp_path)))
+
+
+def test_cifar10_batches_are_read_without_running_code(tmp_path):
+    class Exploit:  # what a tampered batch could hold: a call made while unpickling
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    for name in ("data_batch_1", "test_batch"):
+        (tmp_path / name).write_bytes(pickle.dumps({b"data": Exploit(), b"labels": [0]}))
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a readable CIFAR-10 python batch "
+                                         r"\(refusing to load (posix|os).system"):
+        build_image_data(ImageDataConfig(source="cifar10", path=str(tmp_path)))
+    assert not (tmp_path / "pwned").exists()
+    # The real batches are Python 2 era pickles naming numpy.core (numpy 2: numpy._core).
+    rows = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    old = pickle.dumps({b"data": rows, b"labels": [1, 2]}, protocol=2).replace(
+        b"numpy._core.multiarray", b"numpy.core.multiarray")
+    (tmp_path / "data_batch_1").write_bytes(old)
+    (tmp_path / "data_batch_1").rename(tmp_path / "test_batch")
+    images, labels = _cifar_batch(tmp_path / "test_batch")
+    assert images.shape == (2, 32, 32, 3) and labels.tolist() == [1, 2]
+    np.testing.assert_array_equal(images[1, 0, 0], rows[1, [0, 1024, 2048]])
 
 
 def test_image_folder_with_classes_and_resizing(tmp_path):

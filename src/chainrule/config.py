@@ -11,6 +11,7 @@ builds by hand.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -210,6 +211,31 @@ def to_object(node: Any) -> Any:
     return node
 
 
+def unknown_key_message(full_key: str, known: list[str]) -> str:
+    """One line for a key a schema does not have, suggesting the closest known one."""
+    prefix, _, key = full_key.rpartition(".")
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+    return f"{full_key} is not a config key{hint}; expected one of: {', '.join(known)}"
+
+
+def check_known_keys(node: DictConfig, path: str = "") -> None:
+    """Refuse keys a schema does not have: Hydra lets `+key=value` add them, and turning the
+    config into dataclasses would then drop them without a word."""
+    schema = OmegaConf.get_type(node)
+    known = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) \
+        else None
+    for key in node:
+        full_key = f"{path}{key}"
+        if known is not None and key not in known:
+            raise ValueError(unknown_key_message(full_key, known))
+        child = node[key]
+        if isinstance(child, DictConfig):
+            check_known_keys(child, f"{full_key}.")
+
+
 def resolve(cfg: DictConfig) -> TrainConfig:
     """The composed training config as dataclasses (raises ValueError on bad values)."""
-    return to_object(cfg)
+    train_cfg = to_object(cfg)
+    check_known_keys(cfg)
+    return train_cfg

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import jax
 import numpy as np
-from flax import nnx
 from omegaconf import DictConfig
 
-from chainrule.cli import CONF_DIR
-from chainrule.cli.common import fail_cleanly, quiet_libraries
+from chainrule.cli.common import fail_cleanly, hydra_main, quiet_libraries
 from chainrule.config import SampleConfig, register_configs, to_object
 from chainrule.training.restore import load_run
 
@@ -73,7 +70,7 @@ def run(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_configs()
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")(run)()
+    hydra_main(run, "sample")
 
 
 if __name__ == "__main__":

@@ -188,20 +188,48 @@ def load_binarized_mnist(path: str | Path) -> ImageSplits:
         if missing:
             raise ValueError(f"{file} lacks arrays {sorted(missing)} (has {npz.files})")
         train, valid = npz["train"], npz["valid"]
+    for name, rows in (("train", train), ("valid", valid)):
+        if rows.ndim != 2 or rows.shape[1] != 28 * 28:
+            raise ValueError(f"{file}: array {name!r} has shape {rows.shape}; expected "
+                             "[N, 784], one flattened 28x28 image per row")
     shape = (-1, 28, 28, 1)
     return ImageSplits(train.reshape(shape), valid.reshape(shape),
                        split="train / valid (labels exist only for test: batches carry none)")
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only. The CIFAR-10 "python version" IS a
+    pickle; a plain `pickle.load` would run whatever code a tampered file names."""
+
+    # _codecs.encode is how protocol-2 pickles spell bytes (as latin-1 text)
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a CIFAR-10 batch "
+                                         "holds only dicts, lists, bytes and numpy arrays")
+        return super().find_class(module, name)
+
+
 def _cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
-    # The CIFAR-10 "python version" IS a pickle, so pickle.load is the only way to read it;
-    # unpickling can run code, so point data.path only at files from a trusted source.
-    with open(file, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    try:
+        with open(file, "rb") as f:
+            batch = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise ValueError(f"{file} is not a readable CIFAR-10 python batch ({e})") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{file} is not a CIFAR-10 batch (expected a dict, got "
+                         f"{type(batch).__name__})")
     data = batch.get(b"data", batch.get("data"))
     labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
         raise ValueError(f"{file} is not a CIFAR-10 batch (expected 'data' and 'labels' keys)")
+    data = np.asarray(data)
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{file}: 'data' has shape {data.shape}; expected [N, 3072], one "
+                         "32x32 RGB image per row")
     images = np.asarray(data, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return images, np.asarray(labels, np.int32)
 
@@ -280,6 +308,29 @@ def load_source(config: ImageDataConfig) -> ImageSplits:
 # ----------------------------------------------------------------------------- levels
 
 
+def check_levels(images: np.ndarray, levels: int, what: str) -> np.ndarray:
+    """Integer levels [N, H, W, C] (C = 1 or 3) in [0, levels) pass; anything else is
+    refused rather than cast (a float image in [0, 1] would silently truncate to black).
+    Floats are accepted only when every value is already a whole level."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"{what}: images of shape {images.shape}; expected [N, height, width, "
+                         "channels] with 1 or 3 channels")
+    if images.dtype.kind == "f":
+        if not np.all(np.isfinite(images)) or np.any(images != np.round(images)):
+            raise ValueError(f"{what}: {images.dtype} images with fractional values; expected "
+                             f"integer levels 0..{levels - 1} (quantise the images first)")
+    elif images.dtype.kind not in "biu":
+        raise ValueError(f"{what}: images of dtype {images.dtype}; expected integer levels "
+                         f"0..{levels - 1}")
+    if images.size:
+        lo, hi = images.min(), images.max()
+        if lo < 0 or hi >= levels:
+            raise ValueError(f"{what}: pixel values span [{lo:g}, {hi:g}]; expected levels "
+                             f"0..{levels - 1}")
+    return images
+
+
 def requantize(images: np.ndarray, native: int, levels: int) -> np.ndarray:
     """Levels [0, native) -> [0, levels) in equal-width bins (identity when levels == native)."""
     images = images.astype(np.int32)
@@ -353,8 +404,11 @@ def build_image_data(config: ImageDataConfig, *, run_dir: Path | None = None,
                          f"{process_count} processes; expected a multiple of {process_count}")
     splits = load_source(config)
     native, levels = NATIVE_LEVELS[config.source], config.levels
-    train_images = requantize(splits.train_images, native, levels)
-    val_images = requantize(splits.val_images, native, levels)
+    where = f"data.source={config.source!r}" + (f" at {config.path}" if config.path else "")
+    train_images = requantize(check_levels(splits.train_images, native, f"{where} (train)"),
+                              native, levels)
+    val_images = requantize(check_levels(splits.val_images, native, f"{where} (validation)"),
+                            native, levels)
     ds = train_dataset(train_images, splits.train_labels, batch_size=config.batch_size,
                        seed=config.seed, process_index=process_index,
                        process_count=process_count)

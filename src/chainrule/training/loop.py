@@ -34,7 +34,7 @@ from chainrule.sampling.draw import draw
 from chainrule.tracking import Tracker
 from chainrule.training.nonfinite import NonFinite, state_is_finite
 from chainrule.training.optim import build_optimizer
-from chainrule.training.restore import run_config
+from chainrule.training.restore import check_resumable, run_config
 from chainrule.training.steps import Steps, stack_batches
 
 
@@ -175,6 +175,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
     """
     run_dir = Path(run_dir)
     check_hardware(cfg.hardware)
+    check_resumable(cfg, run_dir)  # before anything is written there
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir), preemption_flag() as preempted:
         return _train(cfg, run_dir, config_dict, preempted)

@@ -31,6 +31,24 @@ def run_config(cfg) -> dict:
     return record
 
 
+def check_resumable(cfg, run_dir: str | Path) -> None:
+    """Refuse a run directory whose checkpoints `cfg` (a TrainConfig) cannot continue, before
+    anything is built or written there: another model family's, or any with resume=false."""
+    from chainrule.models import family_name
+
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    meta = read_meta(ckpt_dir) if ckpt_dir.is_dir() else None
+    if meta is None:
+        return
+    if not cfg.resume:
+        raise ValueError(f"{run_dir} already holds checkpoints and resume=false: expected a new "
+                         "run directory (hydra.run.dir=...), or resume=true to continue it")
+    theirs, ours = meta.get("model_family"), family_name(cfg.model)
+    if theirs != ours:
+        raise ValueError(f"{run_dir} holds checkpoints of a {theirs} model, not {ours}: expected "
+                         f"a new run directory for model={ours} (hydra.run.dir=...)")
+
+
 def load_run(run_dir: str | Path, step: int | None = None):
     """(model, data bundle, restored step, saved config dict) of a trained run.
 
