@@ -99,7 +99,7 @@ def hydra_main(task: Callable[[Any], Any], config_name: str) -> None:
 
 def note_new_run_dir(run_dir: Path) -> None:
     """Remember, before Hydra creates it, that `run_dir` does not exist yet."""
-    run_dir = run_dir.absolute()
+    run_dir = Path(os.path.abspath(run_dir))  # as Hydra's runtime.output_dir spells it
     if run_dir.exists():
         return
     top = run_dir
@@ -116,7 +116,7 @@ def discard_new_run_dir_on_bad_input(run_dir: Path) -> Iterator[None]:
     Only directories noted by `note_new_run_dir` qualify, and only while no other process
     holds the run's lock; an existing run directory is never removed.
     """
-    run_dir = run_dir.absolute()
+    run_dir = Path(os.path.abspath(run_dir))
     top = _NEW_RUN_DIRS.pop(run_dir, None)
     try:
         yield

@@ -46,7 +46,7 @@ class Preflight(Callback):
     and writes its .hydra/ record and log there (single runs; sweep jobs check in `run`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        run_dir = Path(str(config.hydra.run.dir)).absolute()
+        run_dir = Path(str(config.hydra.run.dir))
         task = copy.deepcopy(config)
         with read_write(task), open_dict(task):
             del task["hydra"]
