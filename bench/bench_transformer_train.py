@@ -19,7 +19,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
