@@ -58,7 +58,7 @@ def main(args) -> dict:
     for k in (2, 4, 6):
         result = {}
 
-        def spec(k=k):
+        def spec(k=k, result=result):
             result["r"] = speculative_sample(target, draft, prompt, new, num_draft_tokens=k,
                                              temperature=0.8, rngs=jax.random.key(0))
             return result["r"].tokens

@@ -49,7 +49,7 @@ def main(quick: bool) -> dict:
             for cached in (True, False):
                 if not cached and (new > 512 or quick and new > 128):
                     continue  # the reference is quadratic: keep the run short
-                def go():
+                def go(batch=batch, new=new, cached=cached):
                     return model.generate(batch, max_length=new + 1, temperature=0.8,
                                           rngs=nnx.Rngs(sample=1), use_cache=cached)
                 median, _ = timed(go, repeats=3)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from chainrule.sampling import (
     process_logits,
     repetition_penalty,

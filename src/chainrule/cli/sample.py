@@ -12,7 +12,6 @@ from pathlib import Path
 import hydra
 import jax
 import numpy as np
-from flax import nnx
 from omegaconf import DictConfig
 
 from chainrule.cli import CONF_DIR
