@@ -65,8 +65,8 @@ def run_job(cfg: DictConfig, job: SweepJob) -> float:
     except Exception as err:
         path = record_failure(job, err)
         first_line = (str(err).strip().splitlines() or [repr(err)])[0]
-        print(f"error: job {job.num} ({' '.join(job.overrides)}) failed: {first_line} "
-              f"[{path}]", file=sys.stderr, flush=True)
+        print(f"error: job {job.label} failed: {first_line} [{path}]", file=sys.stderr,
+              flush=True)
         if os.environ.get("CHAINRULE_DEBUG"):
             raise
         raise JobFailed(f"job {job.num} failed: {type(err).__name__}: {first_line} "

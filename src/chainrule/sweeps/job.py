@@ -67,12 +67,16 @@ class SweepJob:
         return path.as_posix()[-MAX_WANDB_NAME:]
 
     @property
-    def wandb_name(self) -> str:
+    def label(self) -> str:
         """`<num>: <overrides>`: those of the sweeper's params when it has some (the values a
         preset varies), else all but the `sweep=` choice."""
         own = [o for o in self.overrides if override_key(o) in self.swept] or \
             [o for o in self.overrides if override_key(o) != "sweep"]
-        return f"{self.num}: {' '.join(own)}"[:MAX_WANDB_NAME]
+        return f"{self.num}: {' '.join(own)}"
+
+    @property
+    def wandb_name(self) -> str:
+        return self.label[:MAX_WANDB_NAME]
 
     def as_dict(self) -> dict[str, Any]:
         return {"num": self.num, "sweep": self.sweep, "sweep_dir": str(self.sweep_dir),
