@@ -26,7 +26,7 @@ train: $(STAMP)  ## train the default experiment (char-level Transformer on Shak
 sample: $(STAMP)  ## sample from a run: make sample ARGS="checkpoint=outputs/... prompt=ROMEO:"
 	$(PY) sample.py $(ARGS)
 
-sweep: $(STAMP)  ## run a sweep preset from sweeps/ (SWEEP=transformer_scaling_cpu: ~10 min on 2 cores), then its report
+sweep: $(STAMP)  ## run a sweep preset from sweeps/ (SWEEP=transformer_scaling_cpu: ~8 min on 2 cores), then its report
 	$(PY) train.py -m sweep=$(SWEEP) $(ARGS); status=$$?; \
 	$(PY) -m chainrule.sweeps --root multirun/$(SWEEP); exit $$status
 

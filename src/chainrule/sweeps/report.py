@@ -142,7 +142,7 @@ def _plots(sweep: Sweep, fits: Fits, out: Path, metric: str, params_key: str) ->
         paths["loss_vs_params"] = plots.scaling_plot(
             out / "loss_vs_params.png", xs, ys, [sweep.label(j) for j in jobs],
             xlabel=f"parameters ({params_key})", ylabel=metric, fits=laws,
-            title=f"{sweep.name}: {metric} vs parameters (points: {sweep.label_keys})")
+            title=f"{sweep.name}: {metric} vs parameters\n(points: {sweep.label_keys})")
     jobs, xs, ys = numeric_points(sweep.jobs, lambda job: job.metric(COMPUTE), y_of)
     if jobs:
         on_frontier = {id(j) for j in fits.compute_jobs}
@@ -151,7 +151,7 @@ def _plots(sweep: Sweep, fits: Fits, out: Path, metric: str, params_key: str) ->
             out / "loss_vs_compute.png", xs, ys, [sweep.label(j) for j in jobs],
             xlabel="training compute C (FLOPs)", ylabel=metric, highlight=frontier,
             symbol="C", fits=[("frontier fit", fits.compute)] if fits.compute else [],
-            title=f"{sweep.name}: {metric} vs compute (points: {sweep.label_keys})")
+            title=f"{sweep.name}: {metric} vs compute\n(points: {sweep.label_keys})")
     size = lambda job: job.metric(params_key) or 0.0
     runs = [(sweep.label(j), j.curves()) for j in sorted(sweep.jobs, key=size)]
     runs = [(label, curves) for label, curves in runs if curves]
