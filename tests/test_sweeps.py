@@ -200,7 +200,8 @@ def test_report_fits_the_known_exponent_and_lists_jobs_without_results(tmp_path)
     assert "4 ok, 1 failed, 1 incomplete" in report.markdown
     assert "TrainingError: training loss became nan" in report.markdown
     assert "alpha = 0.1000 ± 0.000" in report.markdown
-    fits = json.loads((sweep_dir / "report" / "fits.json").read_text())
+    fits = json.loads((sweep_dir / "report" / "fits.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"{c} in fits.json"))
     assert fits["loss_vs_params"]["alpha"] == pytest.approx(0.1, rel=1e-6)
     for name in ("loss_vs_params", "loss_vs_compute", "loss_curves", "loss_vs_overrides"):
         assert Image.open(report.paths[name]).format == "PNG"

@@ -47,8 +47,10 @@ class PowerLaw:
             law = f"L = {self.irreducible:.4g}{e_se} + {power}"
         return f"{law}  (alpha = {self.alpha:.4f} ± {se} s.e., {self.n_points} points)"
 
-    def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+    def as_dict(self) -> dict[str, float | None]:
+        """The fields, with None for an unknown error (strict JSON has no NaN)."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in dataclasses.asdict(self).items()}
 
 
 def _checked(x: Sequence[float], y: Sequence[float], min_points: int):
