@@ -167,6 +167,15 @@ def _jsonable(value: Any) -> Any:
                      "JSON-serialisable")
 
 
+def write_json(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Write `data` as indented JSON atomically (readers never see a half-written file)."""
+    clean = _jsonable(dict(data))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return clean
+
+
 # ---- the tracker --------------------------------------------------------------------------
 
 class Tracker:
@@ -233,10 +242,7 @@ class Tracker:
         if not self.is_main_process:
             return path
         self._check_open()
-        clean = _jsonable(dict(results))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)  # readers never see a half-written file
+        clean = write_json(path, results)
         if self._run is not None:
             self._run.summary.update(clean)
         return path

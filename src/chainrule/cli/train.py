@@ -1,37 +1,86 @@
 """`python train.py [group=option ...] [key=value ...]`: compose, validate, train.
 
-The return value (final validation loss) is what Hydra sweepers (Optuna) minimise.
+The return value (final validation loss) is what Hydra sweepers (Optuna) minimise. With `-m`
+every job is one W&B run in a group named after the sweep, and a failing job is recorded in
+its directory (`failed.json`) instead of ending the sweep (chainrule.sweeps.job).
 """
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from chainrule.cli import CONF_DIR
 from chainrule.cli.common import fail_cleanly, quiet_libraries
 from chainrule.config import register_configs, resolve
+from chainrule.sweeps.job import METRICS_FILE, JobFailed, SweepJob, clear_failure, record_failure
+from chainrule.tracking import write_json
 
 
-@fail_cleanly
-def run(cfg: DictConfig) -> float:
+def train_run(cfg: DictConfig, job: SweepJob | None) -> float:
     quiet_libraries()
+    hydra_cfg = HydraConfig.get()
+    if job is None and hydra_cfg.runtime.choices.get("sweep"):
+        raise ValueError(f"sweep={hydra_cfg.runtime.choices['sweep']} defines a multirun: add "
+                         f"-m (python train.py -m sweep=...)")
+    if job is not None:  # one W&B group per sweep, one run per job
+        if cfg.logger.get("group") is None:
+            cfg.logger.group = job.wandb_group
+        if cfg.logger.get("name") is None:
+            cfg.logger.name = job.wandb_name
     train_cfg = resolve(cfg)  # every dataclass check runs here, before any compute
     from chainrule.training.loop import train
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    overrides = list(hydra_cfg.overrides.task)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     config_dict["_types"] = {"model": type(train_cfg.model).__name__,
                              "data": type(train_cfg.data).__name__}
+    config_dict["overrides"] = overrides
+    if job is not None:
+        config_dict["sweep"] = job.as_dict()
     results = train(train_cfg, run_dir, config_dict=config_dict)
+    # The overrides make metrics.json self-describing: a sweep report needs nothing else.
+    results = {**results, "overrides": overrides,
+               **({"sweep": job.as_dict()} if job is not None else {})}
+    write_json(run_dir / METRICS_FILE, results)
     print(f"run directory: {run_dir}")
     shown = ("val_loss", "val_perplexity", "val_bits_per_char", "val_bits_per_dim",
              "val_accuracy", "tokens_per_s", "wall_time_s")
     print("results: " + ", ".join(f"{k}={results[k]:.4g}" for k in shown if k in results))
     return float(results["val_loss"])
+
+
+def run_job(cfg: DictConfig, job: SweepJob) -> float:
+    """One job of a multirun: a failure is written to failed.json and raised as JobFailed,
+    which Hydra's launchers record without stopping the other jobs."""
+    try:
+        loss = train_run(cfg, job)
+    except Exception as err:
+        path = record_failure(job, err)
+        first_line = (str(err).strip().splitlines() or [repr(err)])[0]
+        print(f"error: job {job.label} failed: {first_line} [{path}]", file=sys.stderr,
+              flush=True)
+        if os.environ.get("CHAINRULE_DEBUG"):
+            raise
+        raise JobFailed(f"job {job.num} failed: {type(err).__name__}: {first_line} "
+                        f"(traceback in {path})") from None
+    clear_failure(job.run_dir)
+    return loss
+
+
+def run(cfg: DictConfig) -> float:
+    """Hydra's task function: a single run, or one job of a multirun (-m)."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return run_job(cfg, SweepJob.from_hydra(hydra_cfg))
+    return fail_cleanly(train_run)(cfg, None)
 
 
 def main() -> None:
