@@ -311,6 +311,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
         tracker.log({f"val/{k}": v for k, v in metrics.items()}, step)
         return metrics
 
+    exit_code = 1
     try:
         batch = setup.batch(next(data.train))
         totals = setup.zero_totals(batch)
@@ -394,10 +395,11 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
             "experiment": cfg.experiment,
         })
         tracker.summary(results)
+        exit_code = 0
         return results
     finally:
         checkpointer.close()
-        tracker.finish()
+        tracker.finish(exit_code=exit_code)  # a failed or preempted run is not a success
 
 
 def dump_results(results: dict[str, Any]) -> str:
