@@ -320,29 +320,44 @@ def encode_image(path: str | Path, *, shape: tuple[int, int, int], levels: int) 
 MASK_SPECS = {"top": "rows", "left": "columns"}
 
 
+def mask_spec(mask: str) -> tuple[str, int] | None:
+    """("top", N) for "top:N", ("left", N) for "left:N"; None for anything else (a file)."""
+    side, _, count = mask.partition(":")
+    return (side, int(count)) if side in MASK_SPECS and count.isdigit() else None
+
+
+def mask_file(mask: str) -> Path | None:
+    """None for top:N / left:N, else the PNG file `mask` names (it must exist)."""
+    if mask_spec(mask):
+        return None
+    file = Path(mask).expanduser()
+    if not file.is_file():
+        raise ValueError(f"mask={mask!r} is neither a PNG file nor top:N / left:N (keep the "
+                         "first N rows / columns)")
+    return file
+
+
 def inpainting_mask(mask: str, height: int, width: int) -> np.ndarray:
     """An inpainting mask, int32 [H, W] with 1 = keep, from `top:N` (keep the first N rows),
     `left:N` (the first N columns) or a PNG of exactly H x W (nonzero = keep)."""
-    side, _, count = mask.partition(":")
-    if side in MASK_SPECS and count.isdigit():
-        size = height if side == "top" else width
-        if int(count) > size:
-            raise ValueError(f"mask={mask!r}: the model's images have {size} "
-                             f"{MASK_SPECS[side]}; expected {side}:0..{size}")
-        keep = np.zeros((height, width), np.int32)
-        if side == "top":
-            keep[: int(count)] = 1
-        else:
-            keep[:, : int(count)] = 1
-        return keep
-    file = Path(mask).expanduser()
-    if not file.is_file():
-        raise ValueError(f"mask={mask!r} is neither a PNG file nor top:N / left:N")
-    keep = read_image(file, "L")[..., 0]
-    if keep.shape != (height, width):
-        raise ValueError(f"mask={mask!r} is {keep.shape[0]}x{keep.shape[1]} (HxW); expected "
-                         f"the model's {height}x{width}")
-    return (keep != 0).astype(np.int32)
+    file = mask_file(mask)
+    if file is not None:
+        keep = read_image(file, "L")[..., 0]
+        if keep.shape != (height, width):
+            raise ValueError(f"mask={mask!r} is {keep.shape[0]}x{keep.shape[1]} (HxW); "
+                             f"expected the model's {height}x{width}")
+        return (keep != 0).astype(np.int32)
+    side, count = mask_spec(mask)
+    size = height if side == "top" else width
+    if count > size:
+        raise ValueError(f"mask={mask!r}: the model's images have {size} {MASK_SPECS[side]}; "
+                         f"expected {side}:0..{size}")
+    keep = np.zeros((height, width), np.int32)
+    if side == "top":
+        keep[:count] = 1
+    else:
+        keep[:, :count] = 1
+    return keep
 
 
 # ----------------------------------------------------------------------------- pipeline
