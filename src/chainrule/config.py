@@ -246,15 +246,33 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class SampleConfig:
-    """sample.py: draw from a trained run."""
+    """sample.py: draw from a trained run.
+
+    What the samples continue or fill in is for the kind of samples the run makes: text
+    (`prompt` / `prompt_file`), audio (`prompt_audio`, a WAV file) or images (`image` + `mask`,
+    inpainting); `class_label` is for any class-conditional model (PixelCNN, WaveNet).
+    """
 
     checkpoint: str = MISSING  # a run directory (or its checkpoints/ folder)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     prompt: str | None = None
     prompt_file: str | None = None  # one prompt per line ("\\n" for a line break inside one)
+    prompt_audio: str | None = None  # a WAV file every sample continues (resampled, μ-law coded)
+    class_label: int | None = None  # every sample of this class id (class-conditional models)
+    image: str | None = None  # inpainting: a PNG/JPEG, resized to the model's H x W and levels
+    mask: str | None = None  # with image: top:N / left:N (keep N rows / columns) or an H x W PNG
     step: int | None = None  # None = the best checkpoint if there is one, else the latest
     seed: int = 0
     output: str | None = None  # default: <run dir>/samples/
+
+    def __post_init__(self) -> None:
+        inputs = [k for k in ("prompt", "prompt_file", "prompt_audio", "image")
+                  if getattr(self, k) is not None]
+        _check(len(inputs) <= 1, f"give one of prompt=, prompt_file=, prompt_audio=, image= "
+                                 f"(got {' and '.join(f'{k}=' for k in inputs)})")
+        _check((self.image is None) == (self.mask is None),
+               "inpainting needs both image= (the picture) and mask= (which pixels to keep), "
+               f"got only {'image' if self.mask is None else 'mask'}=")
 
 
 def _schemas() -> dict[str, dict[str, type]]:

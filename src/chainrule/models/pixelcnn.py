@@ -48,8 +48,10 @@ class PixelCNNConfig:
     """A gated PixelCNN over integer images [H, W, C] with values in [0, num_levels)."""
 
     name: str = "pixelcnn"
-    image_shape: tuple[int, int, int] = (28, 28, 1)  # (height, width, channels)
-    num_levels: int = 256  # softmax size per sub-pixel (2 for binarized, 256 for 8-bit)
+    # (height, width, channels) and softmax size per sub-pixel (2 for binarized, 256 for 8-bit);
+    # None: the data decides (training fills both in from the data pipeline).
+    image_shape: tuple[int, int, int] | None = (28, 28, 1)
+    num_levels: int | None = 256
     hidden_channels: int = 128
     num_layers: int = 7  # gated masked-conv layers (vertical + horizontal stack pairs)
     num_residual_blocks: int = 5  # masked 1x1 residual blocks in the output head
@@ -62,14 +64,16 @@ class PixelCNNConfig:
     def __post_init__(self) -> None:
         _check(self.dtype is None or self.dtype in DTYPES,
                f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)} (or null)")
-        shape = tuple(int(d) for d in self.image_shape)
-        _check(len(shape) == 3 and min(shape) > 0,
-               f"image_shape={tuple(self.image_shape)}: expected (height, width, channels) > 0")
-        self.image_shape = shape
-        _check(self.num_levels >= 2, f"num_levels must be >= 2, got {self.num_levels}")
-        _check(self.hidden_channels >= shape[2],
-               f"hidden_channels={self.hidden_channels} must be >= the {shape[2]} image channels "
-               "(one hidden channel group per colour channel)")
+        if self.image_shape is not None:
+            shape = tuple(int(d) for d in self.image_shape)
+            _check(len(shape) == 3 and min(shape) > 0, f"image_shape={tuple(self.image_shape)}: "
+                                                       "expected (height, width, channels) > 0")
+            self.image_shape = shape
+            _check(self.hidden_channels >= shape[2],
+                   f"hidden_channels={self.hidden_channels} must be >= the {shape[2]} image "
+                   "channels (one hidden channel group per colour channel)")
+        _check(self.num_levels is None or self.num_levels >= 2,
+               f"num_levels must be >= 2 (or None: the data's), got {self.num_levels}")
         _check(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
         _check(self.num_residual_blocks >= 0,
                f"num_residual_blocks must be >= 0, got {self.num_residual_blocks}")
@@ -274,6 +278,9 @@ class PixelCNN(AutoregressiveModel):
                             f"{sorted(fields)}")
         if keywords:  # the older keyword form of the guide
             config = dataclasses.replace(config, **keywords)
+        _check(config.image_shape is not None and config.num_levels is not None,
+               f"PixelCNNConfig has image_shape={config.image_shape}, num_levels="
+               f"{config.num_levels}: set both, or let the data pipeline fill them in")
         self.config = config
         self.image_shape = config.image_shape
         self.num_levels = config.num_levels
