@@ -4,12 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+SWEEP  ?= transformer_scaling_cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sample test test-full lint format bench clean
+.PHONY: help install train sample sweep sweep-report test test-full lint format bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +25,13 @@ train: $(STAMP)  ## train the default experiment (char-level Transformer on Shak
 
 sample: $(STAMP)  ## sample from a run: make sample ARGS="checkpoint=outputs/... prompt=ROMEO:"
 	$(PY) sample.py $(ARGS)
+
+sweep: $(STAMP)  ## run a sweep preset from sweeps/ (SWEEP=transformer_scaling_cpu: ~8 min on 2 cores), then its report
+	$(PY) train.py -m sweep=$(SWEEP) $(ARGS); status=$$?; \
+	$(PY) -m chainrule.sweeps --root multirun/$(SWEEP); exit $$status
+
+sweep-report: $(STAMP)  ## table, power-law fits and plots of the newest sweep under multirun/ (or ARGS="<sweep dir> [--out DIR]")
+	$(PY) -m chainrule.sweeps $(ARGS)
 
 test: $(STAMP)  ## fast test suite (a few minutes on 2 CPU cores)
 	$(PY) -m pytest -q -n 2 --dist loadfile $(ARGS)

@@ -47,7 +47,8 @@ def throughput() -> dict:
     model = baby()
     graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
     steps = Steps(graphdef, jax.random.key(0))
-    box = {"state": state, "totals": steps.zero_totals(state, batches[0])}
+    totals = {k: jnp.zeros((), jnp.float32) for k in steps.metric_names(state, batches[0])}
+    box = {"state": state, "totals": totals}
 
     def run_ours():
         for i, b in enumerate(batches):

@@ -1,12 +1,19 @@
 """train.py and sample.py as a user runs them: subprocesses on clean run directories."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from chainrule.data.audio import mu_law_encode, read_audio, read_wav
+from chainrule.data.images import levels_to_uint8, requantize
+from chainrule.tracking import write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -102,3 +109,137 @@ def test_another_family_in_a_run_directory_leaves_it_untouched(smoke_run):
 def test_sample_cli_rejects_a_directory_without_checkpoints(tmp_path):
     proc = run("sample.py", f"checkpoint={tmp_path}", check=False)
     assert proc.returncode != 0 and "no chainrule checkpoint" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- images and audio
+# Tiny class-conditional models on the families' default data (digits 8x8, 17 levels; synthetic
+# notes labelled by pitch class, 12 classes): one run each of 2 steps (one evaluation, one
+# checkpoint), sampled with every input at once.
+SHORT = ["debug=smoke", "trainer.steps=2", "trainer.eval_every=2", "trainer.checkpoint_every=2"]
+
+TINY_PIXELCNN = ["model=pixelcnn", "model.hidden_channels=8", "model.num_layers=2",
+                 "model.num_residual_blocks=0", "model.num_classes=10"]
+TINY_WAVENET = ["model=wavenet", "model.residual_channels=8", "model.skip_channels=8",
+                "model.layers_per_block=3", "model.num_blocks=1", "data.sequence_length=256",
+                "data.label_from=pitch"]
+
+
+@pytest.fixture(scope="module")
+def pixelcnn_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pixelcnn")
+    run("train.py", *SHORT, *TINY_PIXELCNN, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def wavenet_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("wavenet")
+    run("train.py", *SHORT, *TINY_WAVENET, f"hydra.run.dir={run_dir}")
+    return run_dir
+
+
+def written(proc) -> list[Path]:
+    return [Path(p) for p in proc.stdout.split("written: ")[-1].strip().split(", ")]
+
+
+def grid_cells(path: Path, size: int) -> list[np.ndarray]:
+    """The size x size cells of a sample grid (1-px separators), row by row."""
+    grid = np.asarray(Image.open(path))
+    return [grid[r:r + size, c:c + size] for r in range(0, grid.shape[0], size + 1)
+            for c in range(0, grid.shape[1], size + 1)]
+
+
+def test_train_pixelcnn_logs_bits_per_dim_and_a_png_grid(pixelcnn_run):
+    lines = [json.loads(x) for x in (pixelcnn_run / "metrics.jsonl").read_text().splitlines()]
+    for split in ("train", "val"):
+        logged = [x for x in lines if f"{split}/bits_per_dim" in x]
+        assert logged
+        for x in logged:  # nats per sub-pixel in bits
+            assert x[f"{split}/bits_per_dim"] == pytest.approx(x[f"{split}/nll_loss"] / math.log(2))
+    assert np.asarray(Image.open(pixelcnn_run / "samples" / "step_000002.png")).shape == (8, 17)
+
+
+def test_sample_pixelcnn_inpaints_a_class_into_a_png_grid(pixelcnn_run, tmp_path):
+    picture = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "picture.png")
+    proc = run("sample.py", f"checkpoint={pixelcnn_run}", "class_label=3",
+               f"image={tmp_path / 'picture.png'}", "mask=top:3", "sampler.num_samples=3")
+    [path] = written(proc)
+    assert path.parent == pixelcnn_run / "samples" and path.suffix == ".png"
+    assert (pixelcnn_run / "samples" / "step_000002.png").exists()  # the preview stays
+    kept = levels_to_uint8(requantize(picture, 256, 17), 17)[:3]  # as the model's levels
+    cells = grid_cells(path, 8)
+    assert len(cells) == 4  # 3 samples in a 2 x 2 grid
+    for cell in cells[:3]:
+        np.testing.assert_array_equal(cell[:3], kept)
+
+
+def test_train_and_sample_wavenet_write_wav_files(wavenet_run, tmp_path):
+    previews = sorted((wavenet_run / "samples").glob("step_000002_*.wav"))
+    assert len(previews) == 2 and len(read_wav(previews[0])[0]) == 24  # debug=smoke's length
+    prefix = tmp_path / "prefix.wav"
+    write_wav(prefix, 0.5 * np.sin(np.arange(40) / 3), 8000)
+    proc = run("sample.py", f"checkpoint={wavenet_run}", "class_label=3",
+               f"prompt_audio={prefix}", "sampler.max_new_tokens=50", "sampler.num_samples=2")
+    paths = written(proc)
+    assert len(paths) == 2 and all(p.parent == wavenet_run / "samples" for p in paths)
+    codes = mu_law_encode(read_audio(prefix, 8000))
+    for path in paths:
+        audio, rate = read_wav(path)
+        assert rate == 8000 and len(audio) == 40 + 50
+        np.testing.assert_array_equal(mu_law_encode(audio)[:40], codes)  # continues the prefix
+
+
+def compose_sample(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from chainrule.cli import CONF_DIR
+    from chainrule.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("sample", overrides=list(overrides))
+
+
+def sample_in_process(*overrides: str) -> int:
+    """sample.py's run() in this process (a subprocess per bad value would load JAX each
+    time); returns its exit code."""
+    from chainrule.cli.sample import run as sample_run
+
+    with pytest.raises(SystemExit) as exit_:
+        sample_run(compose_sample(*overrides))
+    return exit_.value.code
+
+
+def test_sample_bad_inputs_fail_with_one_line_before_sampling(smoke_run, pixelcnn_run,
+                                                              wavenet_run, tmp_path, capsys):
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(picture)
+    cases = [
+        (smoke_run[0], ["class_label=1"], "class_label=1: this TransformerAutoregressiveModel "
+                                          "is not class-conditional"),
+        (pixelcnn_run, ["class_label=10"], "class_label=10 is out of range: this PixelCNN has "
+                                           "10 classes"),
+        (wavenet_run, [f"image={picture}", "mask=top:2"],
+         "image= with mask=: for image models, but this run's WaveNet makes audio samples"),
+        (pixelcnn_run, [f"image={picture}", "mask=top:9"], "images have 8 rows"),
+        (pixelcnn_run, [f"image={picture}", f"mask={picture}x"], "neither a PNG file nor"),
+        (pixelcnn_run, [f"image={tmp_path / 'none.png'}", "mask=top:2"],
+         "none.png' is not a readable file"),
+        (pixelcnn_run, ["mask=left:2"], "inpainting needs both image="),
+    ]
+    before = {d: sorted((d / "samples").iterdir()) for d in (pixelcnn_run, wavenet_run)}
+    for run_dir, args, message in cases:
+        assert sample_in_process(f"checkpoint={run_dir}", *args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (args, err)
+    assert before == {d: sorted((d / "samples").iterdir()) for d in before}
+
+
+def test_sample_keys_are_checked_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="class_labels"):
+        compose_sample("checkpoint=x", "class_labels=3")
+    with pytest.raises(ConfigCompositionException, match="class_label"):
+        compose_sample("checkpoint=x", "class_label=three")

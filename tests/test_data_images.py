@@ -18,6 +18,7 @@ from chainrule.data.images import (
     ImageDataConfig,
     _cifar_batch,
     build_image_data,
+    inpainting_mask,
     levels_to_uint8,
     read_idx,
     requantize,
@@ -276,6 +277,39 @@ def test_too_few_images_for_a_batch(tmp_path):
     with pytest.raises(ValueError, match="validation split has 1 images"):
         build_image_data(ImageDataConfig(source="image_folder", path=str(tmp_path),
                                          batch_size=2))
+
+
+def test_encode_reads_an_image_as_the_model_sees_it(tmp_path):
+    digits = build_image_data(ImageDataConfig(batch_size=8, val_batches=1))  # 8x8x1, 17 levels
+    levels = next(digits.train)["images"][0]
+    Image.fromarray(digits.decode(levels)[..., 0]).save(tmp_path / "sample.png")
+    # a saved sample reads back as the levels it was made of
+    np.testing.assert_array_equal(digits.encode(str(tmp_path / "sample.png")), levels)
+    # a colour image of another size: resized, grey by luminance (ITU-R 601-2, PIL's "L"),
+    # requantised: (200 * 299 + 100 * 587 + 50 * 114) / 1000 = 124 -> 124 * 17 // 256 = 8
+    Image.fromarray(np.full((20, 12, 3), (200, 100, 50), np.uint8)).save(tmp_path / "c.png")
+    encoded = digits.encode(str(tmp_path / "c.png"))
+    assert encoded.shape == (8, 8, 1) and np.all(encoded == 8)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="not a readable PNG/JPEG image"):
+        digits.encode(str(tmp_path / "text.png"))
+    with pytest.raises(ValueError, match="does not exist"):
+        digits.encode(str(tmp_path / "missing.png"))
+
+
+def test_inpainting_masks(tmp_path):
+    top = inpainting_mask("top:3", 5, 4)
+    np.testing.assert_array_equal(top, np.repeat([1, 1, 1, 0, 0], 4).reshape(5, 4))
+    np.testing.assert_array_equal(inpainting_mask("left:1", 5, 4), np.tile([1, 0, 0, 0], (5, 1)))
+    drawn = np.zeros((5, 4), np.uint8)
+    drawn[1, 2] = 7
+    Image.fromarray(drawn).save(tmp_path / "mask.png")
+    np.testing.assert_array_equal(inpainting_mask(str(tmp_path / "mask.png"), 5, 4), drawn > 0)
+    for bad, match in [("top:6", "have 5 rows"), ("left:9", "have 4 columns"),
+                       ("middle:2", "neither a PNG file nor top:N / left:N"),
+                       (str(tmp_path / "mask.png"), "is 5x4 .*expected the model's 4x4")]:
+        with pytest.raises(ValueError, match=match):
+            inpainting_mask(bad, *((4, 4) if bad.endswith(".png") else (5, 4)))
 
 
 def test_binarized_npz_in_tmp(tmp_path):

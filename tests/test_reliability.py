@@ -79,7 +79,7 @@ def poison(monkeypatch, at_step: int, fault: str) -> None:
     Inf gradients: a bad batch), "inf_grad" (finite loss, Inf gradients) or "overflow"
     (finite but huge gradients at `at_step`, none before, which an unclipped SGD step with a
     huge learning rate turns into Inf parameters)."""
-    grads_fn = Steps._grads
+    grads_fn = Steps._accumulated_grads
 
     def poisoned(self, model, batch, step):
         grads, metrics = grads_fn(self, model, batch, step)
@@ -91,7 +91,7 @@ def poison(monkeypatch, at_step: int, fault: str) -> None:
             metrics = dict(metrics, loss=jnp.where(bad, jnp.nan, metrics["loss"]))
         return grads, metrics
 
-    monkeypatch.setattr(Steps, "_grads", poisoned)
+    monkeypatch.setattr(Steps, "_accumulated_grads", poisoned)
 
 
 def test_a_skipped_nonfinite_step_leaves_the_state_as_it_was(tmp_path, monkeypatch):

@@ -110,16 +110,102 @@ class SamplerConfig:
         return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+# MaxText-style logical axis rules: the models name their parameter dimensions ("embed",
+# "mlp", ...) and these map the names to mesh axes. Data parallel shards the batch over `data`;
+# FSDP shards parameters (and optimizer state) along "embed" over `fsdp` and the batch over it
+# too; tensor parallel splits attention heads, MLP width, vocabulary and channels over `tensor`.
+DEFAULT_AXIS_RULES = {
+    "batch": ["data", "fsdp"],
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",
+    "vocab": "tensor",
+    "channels": "tensor",
+}
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Devices per mesh axis; -1 (at most one axis) takes the devices the others leave."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self) -> None:
+        sizes = {name: getattr(self, name) for name in MESH_AXES}
+        for name, size in sizes.items():
+            _check(size == -1 or size >= 1,
+                   f"hardware.mesh.{name}={size}; expected a device count >= 1, or -1 (fill)")
+        _check(list(sizes.values()).count(-1) <= 1,
+               f"hardware.mesh={sizes}: at most one axis may be -1 (fill with the rest)")
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """Multi-process start-up (`jax.distributed.initialize`). `enabled: auto` starts it when
+    the environment describes a multi-process job (SLURM with more than one task, or
+    JAX_COORDINATOR_ADDRESS); unset fields are then read from the environment by JAX."""
+
+    enabled: str = "false"  # "true" | "false" | "auto"
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    initialization_timeout: int = 300  # seconds to wait for every process
+
+    def __post_init__(self) -> None:
+        self.enabled = str(self.enabled).lower()
+        _check(self.enabled in ("true", "false", "auto"),
+               f"hardware.distributed.enabled={self.enabled!r}; expected true, false or auto")
+        _check(self.num_processes is None or self.num_processes >= 1,
+               f"hardware.distributed.num_processes must be >= 1, got {self.num_processes}")
+        _check(self.process_id is None or self.process_id >= 0,
+               f"hardware.distributed.process_id must be >= 0, got {self.process_id}")
+        if self.num_processes is not None and self.process_id is not None:
+            _check(self.process_id < self.num_processes,
+                   f"hardware.distributed.process_id={self.process_id} must be < "
+                   f"num_processes={self.num_processes}")
+
+
 @dataclasses.dataclass
 class HardwareConfig:
-    """Where a run executes. `platform` must be what JAX finds (cpu, gpu, tpu)."""
+    """Where and how a run executes: platform, device mesh, axis rules, precision, start-up.
+
+    `platform` must be what JAX finds (cpu, gpu, tpu). `num_cpu_devices` splits the host CPU
+    into that many JAX devices (to try sharding anywhere; it must be set before JAX starts, as
+    train.py does). `compute_dtype` is the dtype of activations and matmuls; parameters and
+    optimizer state stay float32. `peak_tflops_per_device` overrides the table used for MFU.
+    """
 
     name: str = "cpu"
     platform: str = "cpu"
+    mesh: MeshConfig = dataclasses.field(default_factory=lambda: MeshConfig(data=1))
+    axis_rules: dict[str, Any] = dataclasses.field(
+        default_factory=lambda: dict(DEFAULT_AXIS_RULES))
+    compute_dtype: str = "float32"
+    num_cpu_devices: int | None = None
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    peak_tflops_per_device: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.platform in ("cpu", "gpu", "tpu"),
                f"hardware.platform={self.platform!r}; expected cpu, gpu or tpu")
+        _check(self.compute_dtype in COMPUTE_DTYPES,
+               f"hardware.compute_dtype={self.compute_dtype!r}; expected one of {COMPUTE_DTYPES}")
+        _check(self.num_cpu_devices is None or self.num_cpu_devices >= 1,
+               f"hardware.num_cpu_devices must be >= 1, got {self.num_cpu_devices}")
+        _check(self.num_cpu_devices is None or self.platform == "cpu",
+               f"hardware.num_cpu_devices is for platform cpu, not {self.platform!r}")
+        for logical, axes in self.axis_rules.items():
+            names = [axes] if isinstance(axes, str) or axes is None else list(axes)
+            bad = [a for a in names if a is not None and a not in MESH_AXES]
+            _check(not bad, f"hardware.axis_rules.{logical}={axes}: {bad} are not mesh axes; "
+                            f"expected names from {MESH_AXES} (or null)")
+        _check(self.peak_tflops_per_device is None or self.peak_tflops_per_device > 0,
+               f"hardware.peak_tflops_per_device must be > 0, got {self.peak_tflops_per_device}")
 
 
 @dataclasses.dataclass
@@ -133,6 +219,7 @@ class TrainerConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     progress: bool = True
+    grad_accum_steps: int = 1  # micro-batches per step: the batch is split, gradients averaged
     # A step with a NaN/Inf loss or gradient is never applied; "stop" ends the run there
     # (naming the step), "skip" drops the step and goes on (chainrule.training.nonfinite).
     on_nonfinite: str = "stop"
@@ -140,7 +227,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _check(self.on_nonfinite in ("stop", "skip"),
                f"trainer.on_nonfinite={self.on_nonfinite!r}; expected 'stop' or 'skip'")
-        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                     "grad_accum_steps"):
             _check(getattr(self, name) > 0, f"trainer.{name} must be > 0, got {getattr(self, name)}")
         _check(self.sample_every >= 0, f"trainer.sample_every must be >= 0, got {self.sample_every}")
 
@@ -164,15 +252,33 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class SampleConfig:
-    """sample.py: draw from a trained run."""
+    """sample.py: draw from a trained run.
+
+    What the samples continue or fill in is for the kind of samples the run makes: text
+    (`prompt` / `prompt_file`), audio (`prompt_audio`, a WAV file) or images (`image` + `mask`,
+    inpainting); `class_label` is for any class-conditional model (PixelCNN, WaveNet).
+    """
 
     checkpoint: str = MISSING  # a run directory (or its checkpoints/ folder)
     sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
     prompt: str | None = None
     prompt_file: str | None = None  # one prompt per line ("\\n" for a line break inside one)
+    prompt_audio: str | None = None  # a WAV file every sample continues (resampled, μ-law coded)
+    class_label: int | None = None  # every sample of this class id (class-conditional models)
+    image: str | None = None  # inpainting: a PNG/JPEG, resized to the model's H x W and levels
+    mask: str | None = None  # with image: top:N / left:N (keep N rows / columns) or an H x W PNG
     step: int | None = None  # None = the best checkpoint if there is one, else the latest
     seed: int = 0
     output: str | None = None  # default: <run dir>/samples/
+
+    def __post_init__(self) -> None:
+        inputs = [k for k in ("prompt", "prompt_file", "prompt_audio", "image")
+                  if getattr(self, k) is not None]
+        _check(len(inputs) <= 1, f"give one of prompt=, prompt_file=, prompt_audio=, image= "
+                                 f"(got {' and '.join(f'{k}=' for k in inputs)})")
+        _check((self.image is None) == (self.mask is None),
+               "inpainting needs both image= (the picture) and mask= (which pixels to keep), "
+               f"got only {'image' if self.mask is None else 'mask'}=")
 
 
 def _schemas() -> dict[str, dict[str, type]]:

@@ -167,6 +167,15 @@ def _jsonable(value: Any) -> Any:
                      "JSON-serialisable")
 
 
+def write_json(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Write `data` as indented JSON atomically (readers never see a half-written file)."""
+    clean = _jsonable(dict(data))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return clean
+
+
 # ---- the tracker --------------------------------------------------------------------------
 
 class Tracker:
@@ -233,10 +242,7 @@ class Tracker:
         if not self.is_main_process:
             return path
         self._check_open()
-        clean = _jsonable(dict(results))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)  # readers never see a half-written file
+        clean = write_json(path, results)
         if self._run is not None:
             self._run.summary.update(clean)
         return path
@@ -245,13 +251,15 @@ class Tracker:
 
     def log_samples(self, kind: str, samples: Sequence[Any], step: int, *,
                     sample_rate: int | None = None,
-                    captions: Sequence[str] | None = None) -> list[Path]:
+                    captions: Sequence[str] | None = None,
+                    stem: str | None = None) -> list[Path]:
         """Write generated samples under run_dir/samples/ and send them to W&B.
 
-        kind "text":  list of str -> appended to step_{step:06d}.txt, printed, a wandb.Table
-        kind "image": list of uint8 [H, W, C], C in {1, 3} -> one PNG grid step_{step:06d}.png
+        kind "text":  list of str -> appended to {stem}.txt, printed, a wandb.Table
+        kind "image": list of uint8 [H, W, C], C in {1, 3} -> one PNG grid {stem}.png
         kind "audio": list of float [T] in [-1, 1] and `sample_rate` -> 16-bit PCM WAVs
-                      step_{step:06d}_{i}.wav
+                      {stem}_{i}.wav
+        The file names start with `stem`, by default step_{step:06d}.
         Returns the paths written (none on non-main processes).
         """
         if kind not in SAMPLE_KINDS:
@@ -265,7 +273,7 @@ class Tracker:
             return []
         self._check_open()
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        stem = f"step_{int(step):06d}"
+        stem = stem or f"step_{int(step):06d}"
         if kind == "text":
             return self._log_text(samples, step, stem, captions)
         if kind == "image":

@@ -2,12 +2,18 @@
 
 The run's own saved config rebuilds the model and its data pipeline (the tokenizer saved
 with the run, never refitted); parameters come from the best checkpoint (or `step=`).
-Samples go to stdout and to <run dir>/samples/.
+Samples go to stdout and to <run dir>/samples/ (sample_step_<step>_<n>.txt / .png /
+_<i>.wav, never over the training previews): text, a PNG grid or WAV files, as the run's
+data decides. The inputs a run takes follow its kind of samples: text prompts, a WAV prefix
+(prompt_audio=), an image and mask to inpaint (image= mask=); class_label= for any
+class-conditional model. Every input is checked before anything is generated.
 """
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,20 +23,72 @@ from chainrule.cli.common import fail_cleanly, hydra_main, quiet_libraries
 from chainrule.config import SampleConfig, register_configs, to_object
 from chainrule.training.restore import load_run
 
+# The keys that give each kind of run what its samples continue or fill in.
+INPUT_KEYS = {"text": "prompt= / prompt_file=", "audio": "prompt_audio=",
+              "image": "image= with mask="}
+
+
+def input_file(value: str | None, key: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{key}={value!r} is not a readable file")
+    return path
+
 
 def read_prompts(sc: SampleConfig) -> list[str] | None:
-    if sc.prompt is not None and sc.prompt_file is not None:
-        raise ValueError("give prompt= or prompt_file=, not both")
-    if sc.prompt_file is not None:
-        path = Path(sc.prompt_file).expanduser()
-        if not path.is_file():
-            raise ValueError(f"prompt_file={sc.prompt_file!r} is not a readable file")
+    path = input_file(sc.prompt_file, "prompt_file")
+    if path is not None:
         lines = [line.replace("\\n", "\n") for line in path.read_text().splitlines()]
         prompts = [line for line in lines if line]
         if not prompts:
             raise ValueError(f"prompt_file={sc.prompt_file!r} holds no prompt (one per line)")
         return prompts
     return None if sc.prompt is None else [sc.prompt.replace("\\n", "\n")]
+
+
+def check_input_files(sc: SampleConfig) -> None:
+    """Missing files fail here, before the run is loaded."""
+    from chainrule.data.images import mask_file
+
+    input_file(sc.prompt_audio, "prompt_audio")
+    input_file(sc.image, "image")
+    if sc.mask is not None:
+        mask_file(sc.mask)
+
+
+def conditioning(sc: SampleConfig, texts: list[str] | None, model, data) -> dict[str, Any]:
+    """draw()'s prompts / inpaint from the inputs given, each for the kind of samples the
+    run's data makes (text, audio or image)."""
+    kind = data.sample_kind
+    given = {"text": texts is not None, "audio": sc.prompt_audio is not None,
+             "image": sc.image is not None}
+    for wanted, present in given.items():
+        if present and wanted != kind:
+            raise ValueError(f"{INPUT_KEYS[wanted]}: for {wanted} models, but this run's "
+                             f"{type(model).__name__} makes {kind} samples (its input: "
+                             f"{INPUT_KEYS[kind]})")
+    if not any(given.values()):
+        return {}
+    if data.encode is None:
+        raise ValueError(f"this run's data cannot encode {INPUT_KEYS[kind]}")
+    if texts is not None:
+        return {"prompts": [np.asarray(data.encode(t), np.int32) for t in texts]}
+    if sc.prompt_audio is not None:
+        return {"prompts": [np.asarray(data.encode(str(Path(sc.prompt_audio).expanduser())))]}
+    from chainrule.data.images import inpainting_mask
+
+    height, width, _ = data.info["image_shape"]
+    image = data.encode(str(Path(sc.image).expanduser()))
+    return {"inpaint": (image, inpainting_mask(sc.mask, height, width))}
+
+
+def free_stem(samples_dir: Path, step: int) -> str:
+    """sample_step_<step>_<n> with the first n no earlier sample.py output in the folder uses."""
+    stems = (f"sample_step_{step:06d}_{n}" for n in itertools.count())
+    return next(stem for stem in stems if not any(samples_dir.glob(f"{stem}.*"))
+                and not any(samples_dir.glob(f"{stem}_*")))
 
 
 @fail_cleanly
@@ -47,22 +105,20 @@ def run(cfg: DictConfig) -> None:
         raise ValueError(f"checkpoint={sc.checkpoint!r} is not a directory: expected a run "
                          f"directory written by train.py")
     texts = read_prompts(sc)
+    check_input_files(sc)
     model, data, step, _ = load_run(run_dir, sc.step)
-    prompts = None
-    if texts is not None:
-        if data.encode is None:
-            raise ValueError("prompts are for token models; this run's data has no tokenizer")
-        prompts = [np.asarray(data.encode(t), np.int32) for t in texts]
+    inputs = conditioning(sc, texts, model, data)
     draft = None
     if sc.sampler.name == "speculative":
         draft, _, _, _ = load_run(Path(sc.sampler.draft_checkpoint).expanduser())
-    samples, notes = draw(model, sc.sampler, key=jax.random.key(sc.seed), prompts=prompts,
-                          draft=draft)
+    samples, notes = draw(model, sc.sampler, key=jax.random.key(sc.seed), draft=draft,
+                          class_label=sc.class_label, **inputs)
     decoded = [data.decode(s) if data.decode else s for s in samples]
     out_dir = Path(sc.output) if sc.output else run_dir
     tracker = Tracker(out_dir, {}, LoggerConfig(backend="none"))
     paths = tracker.log_samples(data.sample_kind, decoded, step, captions=notes,
-                                sample_rate=data.info.get("sample_rate"))
+                                sample_rate=data.info.get("sample_rate"),
+                                stem=free_stem(tracker.samples_dir, step))
     tracker.finish()
     print(f"{len(decoded)} samples from step {step}; written: "
           + ", ".join(str(p) for p in paths))

@@ -33,7 +33,8 @@ class DataBundle:
     decode:          turns one generated sample (numpy) into what a person reads, sees or
                      hears: a str for "text", uint8 [H, W, C] for "image", float32 [T] in
                      [-1, 1] for "audio".
-    encode:          the inverse for prompts (text -> token ids), where it exists.
+    encode:          the inverse, for what samples are conditioned on, where it exists: text
+                     -> token ids, a WAV path -> μ-law codes, an image path -> levels.
     info:            anything else worth recording (tokenizer kind, sample_rate, num_classes).
     """
 

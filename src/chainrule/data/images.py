@@ -25,6 +25,7 @@ of such batches drawn from a fixed permutation of the validation split.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import pickle
 from pathlib import Path
@@ -252,9 +253,24 @@ def load_cifar10(path: str | Path) -> ImageSplits:
                        split=f"{', '.join(f.name for f in train_files)} / test_batch")
 
 
-def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> ImageSplits:
-    from PIL import Image
+def read_image(file: Path, mode: str = "RGB",
+               size: tuple[int, int] | None = None) -> np.ndarray:
+    """A PNG/JPEG file -> uint8 [H, W, C]: PIL `mode` "RGB" (C = 3) or "L" (grey, C = 1),
+    resized (bilinear) to size = (height, width) when given."""
+    from PIL import Image, UnidentifiedImageError
 
+    try:
+        with Image.open(file) as im:
+            im = im.convert(mode)
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(im, np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{file}: not a readable PNG/JPEG image ({e})") from None
+    return array[..., None] if array.ndim == 2 else array
+
+
+def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> ImageSplits:
     folder = resolve_path(path, "data.path (image folder)")
 
     def images_in(d: Path) -> list[Path]:
@@ -269,13 +285,7 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> I
              else [(f, -1) for f in top])
     if len(files) < 2:
         raise ValueError(f"{folder} holds {len(files)} PNG/JPEG images; expected at least 2")
-    arrays = []
-    for file, _ in files:
-        with Image.open(file) as im:
-            im = im.convert("RGB")
-            if image_size is not None:
-                im = im.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
-            arrays.append(np.asarray(im, np.uint8))
+    arrays = [read_image(file, "RGB", image_size) for file, _ in files]
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
         raise ValueError(f"images in {folder} have different sizes {sorted(sizes)}: set "
@@ -341,6 +351,64 @@ def levels_to_uint8(sample, num_levels: int) -> np.ndarray:
     """One generated image (levels [H, W, C]) -> uint8 [H, W, C] spanning 0..255."""
     sample = np.asarray(sample, np.float32)
     return np.clip(np.rint(sample * (255.0 / (num_levels - 1))), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- sampling inputs
+
+
+def encode_image(path: str | Path, *, shape: tuple[int, int, int], levels: int) -> np.ndarray:
+    """An image file as a model of `shape` = (H, W, C) sees it (an inpainting input): resized
+    to H x W, grey for C = 1 (luminance) or RGB for C = 3, its 8-bit values requantised to
+    `levels` like the training data. Int32 levels [H, W, C]."""
+    height, width, channels = shape
+    if channels not in (1, 3):
+        raise ValueError(f"image shape {shape}: expected 1 (grey) or 3 (RGB) channels")
+    image = read_image(resolve_path(path, "image"), "L" if channels == 1 else "RGB",
+                       (height, width))
+    return requantize(image, NATIVE_LEVELS["image_folder"], levels)
+
+
+MASK_SPECS = {"top": "rows", "left": "columns"}
+
+
+def mask_spec(mask: str) -> tuple[str, int] | None:
+    """("top", N) for "top:N", ("left", N) for "left:N"; None for anything else (a file)."""
+    side, _, count = mask.partition(":")
+    return (side, int(count)) if side in MASK_SPECS and count.isdigit() else None
+
+
+def mask_file(mask: str) -> Path | None:
+    """None for top:N / left:N, else the PNG file `mask` names (it must exist)."""
+    if mask_spec(mask):
+        return None
+    file = Path(mask).expanduser()
+    if not file.is_file():
+        raise ValueError(f"mask={mask!r} is neither a PNG file nor top:N / left:N (keep the "
+                         "first N rows / columns)")
+    return file
+
+
+def inpainting_mask(mask: str, height: int, width: int) -> np.ndarray:
+    """An inpainting mask, int32 [H, W] with 1 = keep, from `top:N` (keep the first N rows),
+    `left:N` (the first N columns) or a PNG of exactly H x W (nonzero = keep)."""
+    file = mask_file(mask)
+    if file is not None:
+        keep = read_image(file, "L")[..., 0]
+        if keep.shape != (height, width):
+            raise ValueError(f"mask={mask!r} is {keep.shape[0]}x{keep.shape[1]} (HxW); "
+                             f"expected the model's {height}x{width}")
+        return (keep != 0).astype(np.int32)
+    side, count = mask_spec(mask)
+    size = height if side == "top" else width
+    if count > size:
+        raise ValueError(f"mask={mask!r}: the model's images have {size} {MASK_SPECS[side]}; "
+                         f"expected {side}:0..{size}")
+    keep = np.zeros((height, width), np.int32)
+    if side == "top":
+        keep[:count] = 1
+    else:
+        keep[:, :count] = 1
+    return keep
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -444,5 +512,6 @@ def build_image_data(config: ImageDataConfig, *, run_dir: Path | None = None,
         model_overrides={"image_shape": (height, width, channels), "num_levels": levels},
         sample_kind="image",
         decode=lambda sample: levels_to_uint8(sample, levels),
+        encode=functools.partial(encode_image, shape=(height, width, channels), levels=levels),
         info=info,
     )

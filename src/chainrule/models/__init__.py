@@ -9,8 +9,9 @@ from __future__ import annotations
 from flax import nnx
 
 from chainrule.models.base import AutoregressiveModel
-from chainrule.models.pixelcnn import PixelCNN, PixelCNNConfig
+from chainrule.models.pixelcnn import ConditionalPixelCNN, PixelCNN, PixelCNNConfig
 from chainrule.models.transformer import (
+    PrefixTunedTransformer,
     TransformerAR,
     TransformerAutoregressiveModel,
     TransformerConfig,
@@ -41,9 +42,11 @@ def build_model(config, *, rngs: nnx.Rngs) -> AutoregressiveModel:
 
 __all__ = [
     "AutoregressiveModel",
+    "ConditionalPixelCNN",
     "MODEL_FAMILIES",
     "PixelCNN",
     "PixelCNNConfig",
+    "PrefixTunedTransformer",
     "TransformerAR",
     "TransformerAutoregressiveModel",
     "TransformerConfig",

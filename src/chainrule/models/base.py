@@ -15,9 +15,12 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 Batch = dict[str, jax.Array]
+# Compute dtypes a model config's `dtype` may name; parameters are always float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class PrefixParam(nnx.Param):

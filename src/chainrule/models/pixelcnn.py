@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chainrule.models.base import AutoregressiveModel
+from chainrule.models.base import DTYPES, AutoregressiveModel
 from chainrule.sampling import sample_token
 
 
@@ -48,24 +48,32 @@ class PixelCNNConfig:
     """A gated PixelCNN over integer images [H, W, C] with values in [0, num_levels)."""
 
     name: str = "pixelcnn"
-    image_shape: tuple[int, int, int] = (28, 28, 1)  # (height, width, channels)
-    num_levels: int = 256  # softmax size per sub-pixel (2 for binarized, 256 for 8-bit)
+    # (height, width, channels) and softmax size per sub-pixel (2 for binarized, 256 for 8-bit);
+    # None: the data decides (training fills both in from the data pipeline).
+    image_shape: tuple[int, int, int] | None = (28, 28, 1)
+    num_levels: int | None = 256
     hidden_channels: int = 128
     num_layers: int = 7  # gated masked-conv layers (vertical + horizontal stack pairs)
     num_residual_blocks: int = 5  # masked 1x1 residual blocks in the output head
     kernel_size: int = 3  # odd; each layer widens the receptive field by kernel_size // 2
     dropout_rate: float = 0.1
     num_classes: int | None = None  # class-conditional when set (labels from the batch)
+    dtype: str | None = None  # compute dtype (None: float32, or hardware.compute_dtype)
+    remat: bool = False  # recompute each gated layer's activations in the backward pass
 
     def __post_init__(self) -> None:
-        shape = tuple(int(d) for d in self.image_shape)
-        _check(len(shape) == 3 and min(shape) > 0,
-               f"image_shape={tuple(self.image_shape)}: expected (height, width, channels) > 0")
-        self.image_shape = shape
-        _check(self.num_levels >= 2, f"num_levels must be >= 2, got {self.num_levels}")
-        _check(self.hidden_channels >= shape[2],
-               f"hidden_channels={self.hidden_channels} must be >= the {shape[2]} image channels "
-               "(one hidden channel group per colour channel)")
+        _check(self.dtype is None or self.dtype in DTYPES,
+               f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)} (or null)")
+        if self.image_shape is not None:
+            shape = tuple(int(d) for d in self.image_shape)
+            _check(len(shape) == 3 and min(shape) > 0, f"image_shape={tuple(self.image_shape)}: "
+                                                       "expected (height, width, channels) > 0")
+            self.image_shape = shape
+            _check(self.hidden_channels >= shape[2],
+                   f"hidden_channels={self.hidden_channels} must be >= the {shape[2]} image "
+                   "channels (one hidden channel group per colour channel)")
+        _check(self.num_levels is None or self.num_levels >= 2,
+               f"num_levels must be >= 2 (or None: the data's), got {self.num_levels}")
         _check(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
         _check(self.num_residual_blocks >= 0,
                f"num_residual_blocks must be >= 0, got {self.num_residual_blocks}")
@@ -133,11 +141,15 @@ class WeightPool:
         self.requests: list[tuple[nnx.Param, int]] = []
 
     @staticmethod
-    def zeros(*shape: int) -> nnx.Param:
-        return nnx.Param(jnp.asarray(np.zeros(shape, np.float32)))  # a transfer, no compile
+    def zeros(*shape: int, axes: tuple[str | None, ...] | None = None) -> nnx.Param:
+        """A zero parameter (a transfer, no compile); `axes` are its logical axis names."""
+        value = jnp.asarray(np.zeros(shape, np.float32))
+        if axes is None:
+            return nnx.Param(value)
+        return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
-    def weight(self, *shape: int, fan_in: int) -> nnx.Param:
-        param = self.zeros(*shape)
+    def weight(self, *shape: int, fan_in: int, axes=None) -> nnx.Param:
+        param = self.zeros(*shape, axes=axes)
         self.requests.append((param, fan_in))
         return param
 
@@ -159,16 +171,18 @@ class Dense(nnx.Module):
     """x @ kernel + bias; with `n_groups`, a 1x1 convolution masked so that out group g reads
     only in groups <= g (mask B)."""
 
-    def __init__(self, n_in: int, n_out: int, pool: WeightPool, n_groups: int | None = None):
+    def __init__(self, n_in: int, n_out: int, pool: WeightPool, n_groups: int | None = None,
+                 dtype=jnp.float32):
         self.shape = (n_in, n_out, n_groups)
-        self.kernel = pool.weight(n_in, n_out, fan_in=n_in)
+        self.dtype = dtype
+        self.kernel = pool.weight(n_in, n_out, fan_in=n_in, axes=("embed", "channels"))
         self.bias = pool.zeros(n_out)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
         if self.shape[2] is not None:
             kernel = kernel * _group_mask(*self.shape, False)
-        return x @ kernel + self.bias[...]
+        return x.astype(self.dtype) @ kernel.astype(self.dtype) + self.bias[...].astype(self.dtype)
 
 
 class GatedLayer(nnx.Module):
@@ -178,13 +192,16 @@ class GatedLayer(nnx.Module):
         k, p, c, n = config.kernel_size, config.kernel_size // 2, config.hidden_channels, \
             config.image_shape[2]
         self.first, self.p, self.n_in, self.hidden, self.n_groups = first, p, n_in, c, n
+        self.dtype = dtype = DTYPES[config.dtype or "float32"]
         # vertical taps: rows r-p..r, columns c-p..c+p; horizontal taps: columns c-p..c
-        self.v_kernel = pool.weight(p + 1, k, n_in, 2 * c, fan_in=(p + 1) * k * n_in)
+        self.v_kernel = pool.weight(p + 1, k, n_in, 2 * c, fan_in=(p + 1) * k * n_in,
+                                    axes=(None, None, "embed", "channels"))
         self.v_bias = pool.zeros(2 * c)
-        self.h_kernel = pool.weight(p + 1, n_in, 2 * c, fan_in=(p + 1) * n_in)
+        self.h_kernel = pool.weight(p + 1, n_in, 2 * c, fan_in=(p + 1) * n_in,
+                                    axes=(None, "embed", "channels"))
         self.h_bias = pool.zeros(2 * c)
-        self.link = Dense(2 * c, 2 * c, pool)  # v pre-activation -> h
-        self.h_out = Dense(c, c, pool, n)
+        self.link = Dense(2 * c, 2 * c, pool, dtype=dtype)  # v pre-activation -> h
+        self.h_out = Dense(c, c, pool, n, dtype=dtype)
         self.dropout = nnx.Dropout(config.dropout_rate)
         # One embedding row per class and layer, added to both gates: [v part | h part].
         self.cond = (pool.weight(config.num_classes, 4 * c, fan_in=4 * c)
@@ -197,22 +214,23 @@ class GatedLayer(nnx.Module):
             v = v.at[-1].set(0.0)
         centre = _group_mask(self.n_in, self.hidden, self.n_groups, self.first, 2)
         h = self.h_kernel[...]
-        return v, h.at[-1].multiply(centre)
+        return v.astype(self.dtype), h.at[-1].multiply(centre).astype(self.dtype)
 
     def conditioning(self, labels) -> tuple[jax.Array | None, jax.Array | None]:
         if self.cond is None:
             return None, None
-        e = self.cond[...][labels]
+        e = self.cond[...][labels].astype(self.dtype)
         return e[:, : 2 * self.hidden], e[:, 2 * self.hidden:]
 
     def vertical(self, v_kernel, x, padding, cond_v) -> jax.Array:
         """Vertical pre-activation [B, rows, W, 2c] (no padding on a padded cached window)."""
-        y = conv2d(x, v_kernel, padding)
-        return y + self.v_bias[...] + _per_example(cond_v, y.ndim)
+        y = conv2d(x.astype(self.dtype), v_kernel, padding)
+        return y + self.v_bias[...].astype(self.dtype) + _per_example(cond_v, y.ndim)
 
     def v_to_h(self, v_pre, cond_h) -> jax.Array:
         """What the vertical stack (and the class) add to the horizontal gate."""
-        return self.link(v_pre) + self.h_bias[...] + _per_example(cond_h, v_pre.ndim)
+        return (self.link(v_pre) + self.h_bias[...].astype(self.dtype)
+                + _per_example(cond_h, v_pre.ndim))
 
     def horizontal(self, h_conv, link, h_in, *, training=False, rngs=None) -> jax.Array:
         """h_conv: masked horizontal convolution; h_in: the residual input (unused if first)."""
@@ -226,17 +244,18 @@ class OutputHead(nnx.Module):
     def __init__(self, config: PixelCNNConfig, pool: WeightPool):
         c, n, levels = config.hidden_channels, config.image_shape[2], config.num_levels
         self.n, self.levels = n, levels
-        self.blocks = nnx.List([nnx.List([Dense(c, c, pool, n), Dense(c, c, pool, n)])
+        dtype = DTYPES[config.dtype or "float32"]
+        self.blocks = nnx.List([nnx.List([Dense(c, c, pool, n, dtype), Dense(c, c, pool, n, dtype)])
                                 for _ in range(config.num_residual_blocks)])
         self.dropout = nnx.Dropout(config.dropout_rate)
         # out channel j predicts sub-pixel j // levels, which is exactly its colour group
-        self.out = Dense(c, n * levels, pool, n)
+        self.out = Dense(c, n * levels, pool, n, dtype)
 
     def __call__(self, h, *, training=False, rngs=None) -> jax.Array:
         for first, second in self.blocks:
             y = _dropout(self.dropout, jax.nn.relu(first(jax.nn.relu(h))), training, rngs)
             h = h + second(y)
-        logits = self.out(jax.nn.relu(h))
+        logits = self.out(jax.nn.relu(h)).astype(jnp.float32)
         return logits.reshape(*logits.shape[:-1], self.n, self.levels)
 
 
@@ -259,11 +278,15 @@ class PixelCNN(AutoregressiveModel):
                             f"{sorted(fields)}")
         if keywords:  # the older keyword form of the guide
             config = dataclasses.replace(config, **keywords)
+        _check(config.image_shape is not None and config.num_levels is not None,
+               f"PixelCNNConfig has image_shape={config.image_shape}, num_levels="
+               f"{config.num_levels}: set both, or let the data pipeline fill them in")
         self.config = config
         self.image_shape = config.image_shape
         self.num_levels = config.num_levels
         self.hidden_channels = config.hidden_channels
         self.num_classes = config.num_classes
+        self.dtype = DTYPES[config.dtype or "float32"]
         n, c = config.image_shape[2], config.hidden_channels
         pool = WeightPool()
         self.layers = nnx.List([GatedLayer(n if i == 0 else c, config, i == 0, pool)
@@ -306,7 +329,8 @@ class PixelCNN(AutoregressiveModel):
     # ------------------------------------------------------------------ forward
     def scale(self, levels: jax.Array) -> jax.Array:
         """Integer levels -> floats in [-1, 1]."""
-        return levels.astype(jnp.float32) * (2.0 / (self.num_levels - 1)) - 1.0
+        scaled = levels.astype(jnp.float32) * (2.0 / (self.num_levels - 1)) - 1.0
+        return scaled.astype(self.dtype)
 
     def __call__(self, images, *, rngs=None, training=False, class_labels=None, **_):
         images = jnp.asarray(images)
@@ -321,16 +345,11 @@ class PixelCNN(AutoregressiveModel):
     def logits_from_scaled(self, x, *, class_labels=None, training=False, rngs=None):
         """Logits [B, H, W, C, num_levels] from images already scaled to [-1, 1] (float; the
         form to differentiate when checking the receptive field)."""
-        p = self.config.kernel_size // 2
         v, h = x, x
+        forward = nnx.remat(_layer_forward, static_argnums=(5,)) if self.config.remat \
+            else _layer_forward
         for layer in self.layers:
-            v_kernel, h_kernel = layer.masked_kernels()
-            cond_v, cond_h = layer.conditioning(class_labels)
-            v_pre = layer.vertical(v_kernel, v, ((p, 0), (p, p)), cond_v)
-            h_conv = conv2d(h, h_kernel[None], ((0, 0), (p, 0)))
-            h = layer.horizontal(h_conv, layer.v_to_h(v_pre, cond_h), h, training=training,
-                                 rngs=rngs)
-            v = _gate(v_pre)
+            v, h = forward(layer, v, h, class_labels, rngs, training)
         return self.head(h, training=training, rngs=rngs)
 
     def model_kwargs(self, batch):
@@ -432,6 +451,29 @@ class PixelCNN(AutoregressiveModel):
         return (_sample_naive if naive else _sample_cached), (keys, canvas, keep, labels, *knobs)
 
 
+class ConditionalPixelCNN(PixelCNN):
+    """The guide's class-conditional PixelCNN: `PixelCNN` with `num_classes` classes (default:
+    the config's, else 10); labels come in as `class_labels` / the batch's "labels"."""
+
+    def __init__(self, config: PixelCNNConfig | None = None, *, num_classes: int | None = None,
+                 rngs: nnx.Rngs, **keywords: Any):
+        config = config or PixelCNNConfig()
+        num_classes = num_classes or config.num_classes or 10
+        super().__init__(dataclasses.replace(config, num_classes=num_classes), rngs=rngs,
+                         **keywords)
+
+
+def _layer_forward(layer: GatedLayer, v, h, class_labels, rngs, training):
+    """One gated layer over whole images: (vertical stack, horizontal stack) -> next pair."""
+    p = layer.p
+    v_kernel, h_kernel = layer.masked_kernels()
+    cond_v, cond_h = layer.conditioning(class_labels)
+    v_pre = layer.vertical(v_kernel, v, ((p, 0), (p, p)), cond_v)
+    h_conv = conv2d(h.astype(layer.dtype), h_kernel[None], ((0, 0), (p, 0)))
+    h = layer.horizontal(h_conv, layer.v_to_h(v_pre, cond_h), h, training=training, rngs=rngs)
+    return _gate(v_pre), h
+
+
 def _draw_key(rngs) -> jax.Array:
     if rngs is None:
         return jax.random.key(0)
@@ -472,8 +514,9 @@ def _sample_cached(model: PixelCNN, keys, canvas, keep, labels, temperature, top
     # Padded caches: p rows on top, p columns either side are zeros (the convs' zero padding).
     # x_pad is the scaled canvas; v_bufs[l] holds the gated vertical output of layer l, the
     # vertical input of layer l + 1.
-    x_pad = jnp.zeros((b, height + p, width + 2 * p, n), jnp.float32)
-    v_bufs = [jnp.zeros((b, height + p, width + 2 * p, hidden)) for _ in layers[:-1]]
+    x_pad = jnp.zeros((b, height + p, width + 2 * p, n), model.dtype)
+    v_bufs = [jnp.zeros((b, height + p, width + 2 * p, hidden), model.dtype)
+              for _ in layers[:-1]]
 
     def row_step(r, carry):
         canvas, x_pad, v_bufs = carry
@@ -489,7 +532,7 @@ def _sample_cached(model: PixelCNN, keys, canvas, keep, labels, temperature, top
                 window = jax.lax.dynamic_slice_in_dim(buf, r, p + 1, axis=1)
         links = jnp.stack(links, axis=2)  # [B, W, layers, 2c]: one slice per pixel
         # h_bufs[l]: horizontal output of layer l along row r (p zero columns on the left).
-        h_bufs = [jnp.zeros((b, width + p, hidden)) for _ in layers[:-1]]
+        h_bufs = [jnp.zeros((b, width + p, hidden), model.dtype) for _ in layers[:-1]]
 
         def column_step(c, carry):
             canvas, x_pad, h_bufs = carry

@@ -23,12 +23,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chainrule.models.base import AutoregressiveModel, PrefixParam, logical
+from chainrule.models.base import DTYPES, AutoregressiveModel, PrefixParam, logical
 from chainrule.sampling import penalize_seen, sample_token
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope")
 ACTIVATIONS = {"gelu": nnx.gelu, "relu": nnx.relu, "silu": nnx.silu, "swish": nnx.silu}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def _check(condition: bool, message: str) -> None:
@@ -88,7 +87,9 @@ class TransformerConfig:
     bos_token_id: int = 0  # first token of an unprompted sample
     eos_token_id: int | None = None  # generation stops a sample at it (also stop_tokens=)
     prefix_length: int = 0  # learnable key/value prefix per layer (prefix tuning); 0 = none
-    dtype: str = "float32"  # compute dtype; parameters stay float32
+    dtype: str | None = None  # compute dtype (None: float32, or hardware.compute_dtype in
+    #                           train.py); parameters and optimizer state stay float32
+    remat: bool = False  # recompute each block's activations in the backward pass (memory)
 
     def __post_init__(self) -> None:
         if isinstance(self.network, dict):
@@ -99,7 +100,8 @@ class TransformerConfig:
         _check(self.num_layers > 0, f"num_layers must be > 0, got {self.num_layers}")
         _check(self.dropout_rate is None or 0.0 <= self.dropout_rate < 1.0,
                f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
-        _check(self.dtype in DTYPES, f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
+        _check(self.dtype is None or self.dtype in DTYPES,
+               f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)} (or null)")
         _check(self.prefix_length >= 0, f"prefix_length must be >= 0, got {self.prefix_length}")
 
     @property
@@ -211,6 +213,12 @@ class Block(nnx.Module):
         return x + self.dropout(m, deterministic=deterministic, rngs=rngs), kv_cache
 
 
+@functools.partial(nnx.remat, static_argnums=(5,))
+def _remat_block(block, x, positions, valid_from, rngs, deterministic):
+    """A block whose activations are recomputed in the backward pass instead of stored."""
+    return block(x, positions, deterministic=deterministic, rngs=rngs, valid_from=valid_from)[0]
+
+
 def _bucket(n: int, minimum: int = 16) -> int:
     """Round up to a power of two so a few compiled shapes serve every length."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -227,7 +235,7 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
                              "tokenizer set it (train.py does this)")
         self.config = config
         net, d = config.network, config.network.embed_dim
-        dtype = DTYPES[config.dtype]
+        dtype = DTYPES[config.dtype or "float32"]
         self.embed_dim = d
         self.token_embed = nnx.Embed(
             config.vocab_size, d, dtype=dtype, rngs=rngs,
@@ -268,6 +276,9 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
         new_cache = []
         for i, block in enumerate(self.blocks):
+            if self.config.remat and cache is None:
+                x = _remat_block(block, x, positions, valid_from, rngs, deterministic)
+                continue
             kv = None if cache is None else cache[i]
             x, kv = block(x, positions, deterministic=deterministic, rngs=rngs, kv_cache=kv,
                           cache_index=cache_index, valid_from=valid_from)
@@ -317,14 +328,14 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         """Zeroed key/value cache: one (keys, values) pair [B, S, H, D] per layer."""
         net = self.config.network
         shape = (batch_size, max_length, net.num_heads, net.embed_dim // net.num_heads)
-        dtype = DTYPES[self.config.dtype]
+        dtype = DTYPES[self.config.dtype or "float32"]
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks]
 
     def generate(self, n_samples: int = 1, max_length: int | None = None, temperature=1.0,
                  top_k=None, top_p=None, rngs: nnx.Rngs | None = None, *, prompt=None,
                  max_new_tokens: int | None = None, min_new_tokens: int = 0,
                  eos_id: int | None = None, stop_tokens=(), repetition_penalty=1.0,
-                 use_cache: bool | None = None) -> jax.Array:
+                 use_cache: bool | None = None, conditioning=None) -> jax.Array:
         """Sample sequences; returns int32 [n, length] with each prompt at the start of its row.
 
         prompt: None (each sample starts with `config.bos_token_id`), [P] (shared by all
@@ -336,11 +347,17 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         `min_new_tokens` forbids stopping earlier. temperature 0 is greedy; top_k, top_p and
         `repetition_penalty` filter as in `chainrule.sampling`.
 
+        `conditioning` is another name for `prompt` (the guide's speculative sketch uses it).
+
         One compiled loop: the prompts are prefilled in one pass, then one token per step
         against the key/value cache (`use_cache`, default `config.use_cache`) or, as the slow
         reference, a full pass over the last `sequence_length` tokens. Knobs are traced and
         lengths bucketed to powers of two, so new settings rarely recompile.
         """
+        if conditioning is not None:
+            if prompt is not None:
+                raise ValueError("pass prompt or conditioning (the same thing), not both")
+            prompt = conditioning
         prompts, lengths = self._prompt_batch(prompt, n_samples)
         n, width = prompts.shape
         if max_new_tokens is not None:
@@ -548,3 +565,19 @@ def TransformerAR(vocab_size: int, sequence_length: int = 512, hidden_dim: int =
     config = TransformerConfig(vocab_size=vocab_size, sequence_length=sequence_length,
                                network=network, num_layers=num_layers, **kwargs)
     return TransformerAutoregressiveModel(config, rngs=rngs)
+
+
+class PrefixTunedTransformer(TransformerAutoregressiveModel):
+    """The guide's prefix-tuning class: a Transformer with `prefix_length` learned key/value
+    prefixes in every attention layer (Li & Liang 2021). Train only them with
+    `nnx.Optimizer(model, tx, wrt=PrefixParam)` (or `optimizer.trainable=prefix` in train.py)."""
+
+    def __init__(self, config: TransformerConfig, *, prefix_length: int = 10, rngs: nnx.Rngs):
+        if prefix_length < 1:
+            raise ValueError(f"prefix_length must be >= 1, got {prefix_length}")
+        super().__init__(dataclasses.replace(config, prefix_length=prefix_length), rngs=rngs)
+        self.prefix_length = prefix_length
+
+    def forward_with_prefix(self, x, rngs=None, **kwargs):
+        """The guide's name for the forward pass: the prefixes are always attended to."""
+        return self(x, rngs=rngs, **kwargs)

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chainrule.models.base import AutoregressiveModel
+from chainrule.models.base import DTYPES, AutoregressiveModel, logical
 from chainrule.sampling import sample_token
 
 _OLD_DEFAULTS = {"num_layers": 30, "num_stacks": 3}  # the older keyword API's defaults
@@ -72,6 +72,8 @@ class WaveNetConfig:
     dilation_channels: int | None = None  # None: residual_channels
     num_classes: int | None = None  # global conditioning (speaker / class id)
     dropout_rate: float = 0.0
+    dtype: str | None = None  # compute dtype (None: float32, or hardware.compute_dtype)
+    remat: bool = False  # recompute each residual layer's activations in the backward pass
     num_layers: int | None = None  # older API: total layers
     num_stacks: int | None = None  # older API: number of blocks
 
@@ -102,6 +104,8 @@ class WaveNetConfig:
                f"num_classes must be None or >= 1, got {self.num_classes}")
         _check(0.0 <= self.dropout_rate < 1.0,
                f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        _check(self.dtype is None or self.dtype in DTYPES,
+               f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)} (or null)")
 
     @property
     def dilations(self) -> tuple[int, ...]:
@@ -114,6 +118,12 @@ class WaveNetConfig:
         return 1 + (self.kernel_size - 1) * sum(self.dilations)
 
 
+def _linear(d_in: int, d_out: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A 1x1 convolution: input channels "embed", output channels "channels" (axis rules)."""
+    init = logical(nnx.initializers.lecun_normal(), "embed", "channels")
+    return nnx.Linear(d_in, d_out, kernel_init=init, dtype=dtype, rngs=rngs)
+
+
 class ResidualLayer(nnx.Module):
     """Causal dilated conv -> gated unit -> 1x1 to (residual update, skip output)."""
 
@@ -123,12 +133,13 @@ class ResidualLayer(nnx.Module):
         gate = 2 * hidden if config.use_gated_activation else hidden
         self.dilation, self.kernel_size, self.channels = dilation, config.kernel_size, channels
         self.gated = config.use_gated_activation
+        dtype = DTYPES[config.dtype or "float32"]
         # Taps are concatenated oldest first, so the kernel is [kernel_size * channels, gate].
-        self.conv = nnx.Linear(config.kernel_size * channels, gate, rngs=rngs)
-        self.condition = (nnx.Embed(config.num_classes, gate, rngs=rngs)
+        self.conv = _linear(config.kernel_size * channels, gate, dtype, rngs)
+        self.condition = (nnx.Embed(config.num_classes, gate, dtype=dtype, rngs=rngs)
                           if config.num_classes else None)
         # One matmul for both outputs: the residual update and the skip connection.
-        self.out = nnx.Linear(hidden, channels + config.skip_channels, rngs=rngs)
+        self.out = _linear(hidden, channels + config.skip_channels, dtype, rngs)
         self.dropout = nnx.Dropout(config.dropout_rate)
 
     @property
@@ -177,10 +188,15 @@ class WaveNet(AutoregressiveModel):
         _check(config.vocab_size is not None, "WaveNetConfig.vocab_size is None: set it (mu + 1, "
                "e.g. 256) or let the data pipeline fill it in")
         self.config = config
-        self.embed = nnx.Embed(config.vocab_size, config.residual_channels, rngs=rngs)
+        dtype = DTYPES[config.dtype or "float32"]
+        self.embed = nnx.Embed(
+            config.vocab_size, config.residual_channels, dtype=dtype, rngs=rngs,
+            embedding_init=logical(nnx.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                                     out_axis=0),
+                                   "vocab", "embed"))
         self.layers = nnx.List([ResidualLayer(config, d, rngs=rngs) for d in config.dilations])
-        self.head_hidden = nnx.Linear(config.skip_channels, config.skip_channels, rngs=rngs)
-        self.head_out = nnx.Linear(config.skip_channels, config.vocab_size, rngs=rngs)
+        self.head_hidden = _linear(config.skip_channels, config.skip_channels, dtype, rngs)
+        self.head_out = _linear(config.skip_channels, config.vocab_size, dtype, rngs)
 
     @property
     def receptive_field(self) -> int:
@@ -236,13 +252,16 @@ class WaveNet(AutoregressiveModel):
     def logits_from_embeddings(self, h, labels=None, *, training=False, rngs=None):
         """The network after the input embedding: h [B, T, residual_channels] -> logits."""
         skips = 0.0
+        run = (nnx.remat(_run_layer, static_argnums=(4,)) if self.config.remat
+               else _run_layer)
         for layer, bias in zip(self.layers, self._condition_biases(labels), strict=True):
-            h, skip = layer(h, bias, training=training, rngs=rngs)
+            h, skip = run(layer, h, bias, rngs, training)
             skips = skips + skip
         return self._head(skips)
 
     def _head(self, skips):
-        return self.head_out(jax.nn.relu(self.head_hidden(jax.nn.relu(skips))))
+        logits = self.head_out(jax.nn.relu(self.head_hidden(jax.nn.relu(skips))))
+        return logits.astype(jnp.float32)
 
     def model_inputs(self, batch):
         return batch[self.data_key][:, :-1]  # the last sample is only ever a target
@@ -271,7 +290,7 @@ class WaveNet(AutoregressiveModel):
         """Generation state: every layer's past inputs in one array [n, sum of queue lengths, C];
         layer l's input at time s sits at row offset_l + s mod queue_length_l."""
         return jnp.zeros((n, sum(layer.queue_length for layer in self.layers),
-                          self.config.residual_channels))
+                          self.config.residual_channels), DTYPES[self.config.dtype or "float32"])
 
     def step(self, code, queue, t, condition_biases):
         """Logits for time t + 1 from the code at time t [n]; updates and returns the queue."""
@@ -354,6 +373,10 @@ class WaveNet(AutoregressiveModel):
             n_samples, max_length, prefix, global_condition, rngs, temperature, top_k, top_p)
         codes = jnp.zeros((n_samples, max_length), jnp.int32).at[:, : prefix.shape[1]].set(prefix)
         return _generate_naive(self, codes, jnp.int32(prefix.shape[1]), key, labels, *knobs)
+
+
+def _run_layer(layer: ResidualLayer, h, bias, rngs, training):
+    return layer(h, bias, training=training, rngs=rngs)
 
 
 def _draw(t, logits, prefix, prefix_length, key, temperature, top_k, top_p):

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from chainrule import parallel
 from chainrule.checkpoint import Checkpointer
-from chainrule.config import HardwareConfig, TrainConfig
+from chainrule.config import TrainConfig
 from chainrule.data.base import DataBundle, build_data
 from chainrule.models import AutoregressiveModel, build_model, family_name
 from chainrule.models.base import TRAINABLE
@@ -36,6 +36,7 @@ from chainrule.training.nonfinite import NonFinite, state_is_finite
 from chainrule.training.optim import build_optimizer
 from chainrule.training.restore import check_resumable, run_config
 from chainrule.training.steps import Steps, stack_batches
+from chainrule.training.throughput import Throughput, peak_tflops
 
 
 class TrainingError(RuntimeError):
@@ -84,15 +85,6 @@ class Preempted(SystemExit):
         self.step = step
 
 
-def check_hardware(hardware: HardwareConfig) -> None:
-    """Fail at start-up, with what was found, when the asked-for platform is not there."""
-    found = jax.default_backend()
-    if found != hardware.platform:
-        devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
-        raise ValueError(f"hardware={hardware.name} asks for platform '{hardware.platform}' but "
-                         f"JAX found '{found}' ({jax.device_count()} device(s): {devices})")
-
-
 def apply_data_overrides(model_config: Any, overrides: dict[str, Any]) -> Any:
     """Fill model fields the data decides (vocab size, image shape); refuse contradictions."""
     changes = {}
@@ -116,12 +108,21 @@ def apply_data_overrides(model_config: Any, overrides: dict[str, Any]) -> Any:
 
 
 def build_run(cfg: TrainConfig, run_dir: Path | None):
-    """Data, model and optimizer for a config: everything but the loop (sample.py reuses it)."""
+    """The data pipeline (this process's shard) and the model config it completes."""
     data = build_data(cfg.data, run_dir=run_dir, process_index=jax.process_index(),
                       process_count=jax.process_count())
     model_config = apply_data_overrides(cfg.model, data.model_overrides)
-    model = build_model(model_config, rngs=nnx.Rngs(params=cfg.seed))
-    return data, model_config, model
+    if getattr(model_config, "dtype", "float32") is None:  # None: the hardware decides
+        model_config = dataclasses.replace(model_config, dtype=cfg.hardware.compute_dtype)
+    return data, model_config
+
+
+def check_batch_layout(batch_size: int, accum: int, shards: int) -> None:
+    """The global batch must split into micro-batches and then evenly over the devices."""
+    if batch_size % (accum * shards):
+        raise ValueError(f"data.batch_size={batch_size} does not split into "
+                         f"trainer.grad_accum_steps={accum} micro-batches over {shards} "
+                         f"data-parallel device(s); expected a multiple of {accum * shards}")
 
 
 def init_weights(model: AutoregressiveModel, run_dir: str) -> None:
@@ -159,6 +160,16 @@ def _host(tree) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
+def local_model(graphdef, state) -> AutoregressiveModel:
+    """The model for generation: as it is in one process; with several, every process
+    gathers the whole of each parameter (a collective: all must call it) and samples alone."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        state = multihost_utils.process_allgather(state, tiled=True)
+    return nnx.merge(graphdef, state)[0]
+
+
 def generate_samples(model: AutoregressiveModel, data: DataBundle, sampler, key) -> list:
     """Preview samples for the logs, decoded for people (speculative needs a draft model, so
     previews use its token-by-token knobs instead)."""
@@ -174,36 +185,94 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
     SIGTERM checkpoints the current step and exits (code 143); re-running resumes there.
     """
     run_dir = Path(run_dir)
-    check_hardware(cfg.hardware)
+    parallel.start_runtime(cfg.hardware)
+    mesh = parallel.build_mesh(cfg.hardware)
+    check_batch_layout(cfg.data.batch_size, cfg.trainer.grad_accum_steps,
+                       parallel.batch_shards(mesh, parallel.normalise_rules(cfg.hardware.axis_rules)))
     check_resumable(cfg, run_dir)  # before anything is written there
     run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir), preemption_flag() as preempted:
-        return _train(cfg, run_dir, config_dict, preempted)
+    lock = run_lock(run_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock, preemption_flag() as preempted, jax.set_mesh(mesh):
+        return _train(cfg, run_dir, config_dict, preempted, mesh)
 
 
-def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
-           preempted: threading.Event) -> dict[str, Any]:
-    trainer = cfg.trainer
-    config_dict = config_dict or run_config(cfg)  # what load_run rebuilds the run from
-    data, model_config, model = build_run(cfg, run_dir)
+@dataclasses.dataclass
+class Setup:
+    """A run's working parts, built from its config on its mesh: what `train` drives, and
+    what tests and benchmarks use to run the same compiled steps without the loop."""
+
+    mesh: Any
+    rules: parallel.sharding.Rules
+    data: DataBundle
+    model_config: Any
+    family: str
+    graphdef: Any
+    state: Any  # model + optimizer, sharded on the mesh
+    shardings: Any
+    steps: Steps
+    schedule: Any
+    _metric_names: list[str] | None = None
+
+    def batch(self, host_batch: dict, *, leading: int = 0) -> dict[str, jax.Array]:
+        """This process's rows -> the global batch on the mesh."""
+        return parallel.global_batch(host_batch, self.mesh, self.rules, leading=leading)
+
+    def replicate(self, value) -> jax.Array:
+        return parallel.replicate(value, parallel.replicated(self.mesh))
+
+    def zero_totals(self, batch) -> dict[str, jax.Array]:
+        """Zeroed sums of the metrics the train step reports (names found by tracing once)."""
+        if self._metric_names is None:
+            self._metric_names = self.steps.metric_names(self.state, batch)
+        return {k: self.replicate(np.float32(0)) for k in self._metric_names}
+
+
+def prepare(cfg: TrainConfig, run_dir: Path | None, mesh) -> Setup:
+    """Data, model, optimizer and compiled steps for `cfg` on `mesh` (inside its context)."""
+    rules = parallel.normalise_rules(cfg.hardware.axis_rules)
+    data, model_config = build_run(cfg, run_dir)
     wrt = TRAINABLE[cfg.optimizer.trainable]
+    tx, schedule = build_optimizer(cfg.optimizer, cfg.trainer.steps)
+
+    def create():
+        model = build_model(model_config, rngs=nnx.Rngs(params=cfg.seed))
+        return model, nnx.Optimizer(model, tx, wrt=wrt)
+
+    graphdef, state, shardings = parallel.create_sharded(create, mesh, rules)
+    model, optimizer = nnx.merge(graphdef, state)
     if not jax.tree.leaves(nnx.state(model, wrt)):
         raise ValueError(f"optimizer.trainable={cfg.optimizer.trainable} but the model has no "
                          f"such parameters (prefix tuning needs model.prefix_length > 0)")
     if cfg.init_from:
         init_weights(model, cfg.init_from)
-    tx, schedule = build_optimizer(cfg.optimizer, trainer.steps)
-    optimizer = nnx.Optimizer(model, tx, wrt=wrt)
-    graphdef, state = nnx.split((model, optimizer))
+        state = jax.device_put(nnx.state((model, optimizer)), shardings)
+    steps = Steps(graphdef, jax.random.fold_in(jax.random.key(cfg.seed), 1), wrt,
+                  accum=cfg.trainer.grad_accum_steps, shardings=shardings,
+                  replicated=parallel.replicated(mesh))
+    return Setup(mesh, rules, data, model_config, family_name(model_config), graphdef, state,
+                 shardings, steps, schedule)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
+           preempted: threading.Event, mesh) -> dict[str, Any]:
+    trainer = cfg.trainer
+    config_dict = config_dict or run_config(cfg)  # what load_run rebuilds the run from
+    setup = prepare(cfg, run_dir, mesh)
+    data, family, graphdef, state = setup.data, setup.family, setup.graphdef, setup.state
+    steps, schedule = setup.steps, setup.schedule
+    model = nnx.merge(graphdef, state)[0]
     base_key = jax.random.key(cfg.seed)
-    steps = Steps(graphdef, jax.random.fold_in(base_key, 1), wrt)
-    family = family_name(model_config)
+
+    def key_data(key):  # the RNG key as data, the same on every device (and process)
+        return setup.replicate(jax.random.key_data(key))
+
+    print(f"{family}: {model.num_params():,} parameters on {parallel.describe(mesh)}")
 
     checkpointer = Checkpointer(run_dir / "checkpoints", keep_last=trainer.keep_checkpoints,
                                 keep_best=1, best_metric="val_loss")
     start_step, run_id, best_val = 0, None, math.inf
     if cfg.resume and checkpointer.latest_step() is not None:
-        restored = checkpointer.restore({"model": state, "key": jax.random.key_data(base_key)})
+        restored = checkpointer.restore({"model": state, "key": key_data(base_key)})
         if restored.meta.get("model_family") != family:
             raise ValueError(f"{run_dir} holds a checkpoint of a {restored.meta.get('model_family')}"
                              f" model, not {family}: use another run directory")
@@ -216,9 +285,10 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
         print(f"resuming {run_dir} from step {start_step}")
 
     n_params = model.num_params()
+    main_process = jax.process_index() == 0
     tracker = Tracker(run_dir, config_dict or {}, cfg.logger, run_id=run_id,
-                      is_main_process=jax.process_index() == 0, resume=start_step > 0)
-    val = stack_batches(data.val_batches)
+                      is_main_process=main_process, resume=start_step > 0)
+    val = setup.batch(stack_batches(data.val_batches), leading=1)
     scales = data.metric_scales
     results: dict[str, Any] = {}
     t_start = time.perf_counter()
@@ -251,7 +321,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
         meta = {"model_family": family, "wandb_run_id": tracker.run_id,
                 "best_val_loss": best_val, "config": config_dict or {}}
         metrics = {"val_loss": val_metrics["loss"]} if val_metrics else None
-        checkpointer.save(step, {"model": state, "key": jax.random.key_data(base_key)},
+        checkpointer.save(step, {"model": state, "key": key_data(base_key)},
                           data_state=data_state, meta=meta, metrics=metrics,
                           force=True)
 
@@ -264,17 +334,21 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
         tracker.log({f"val/{k}": v for k, v in metrics.items()}, step)
         return metrics
 
+    exit_code = 1
     try:
-        batch = next(data.train)
-        totals = steps.zero_totals(state, batch)
-        tokens_per_step = int(np.prod(model.model_inputs(batch).shape))
-        flops_per_step = steps.flops_per_step(state, totals, batch)
+        batch = setup.batch(next(data.train))
+        totals = setup.zero_totals(batch)
+        throughput = Throughput(
+            units_per_step=int(np.prod(model.model_inputs(batch).shape)),
+            num_devices=mesh.size, flops_per_step=steps.flops_per_step(state, totals, batch),
+            peak_tflops_per_device=peak_tflops(mesh.devices.flat[0].device_kind,
+                                               cfg.hardware.peak_tflops_per_device))
         bar = tqdm(total=trainer.steps, initial=start_step, disable=not trainer.progress,
                    desc=f"train {family}", unit="step", dynamic_ncols=True)
         last_log_time, last_log_step = time.perf_counter(), start_step
         val_metrics = None
         for step in range(start_step + 1, trainer.steps + 1):
-            state, totals = steps.train_step(state, totals, batch, jnp.int32(step))
+            state, totals = steps.train_step(state, totals, batch, np.int32(step))
             if preempted.is_set():
                 save(step, None, data.train.get_state())
                 checkpointer.wait()
@@ -283,13 +357,14 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
             checkpoint_now = step % trainer.checkpoint_every == 0 or step == trainer.steps
             if checkpoint_now:  # the position before the next batch is what a resume needs
                 data_state = data.train.get_state()
-            batch = next(data.train)  # the host fetches the next batch while the step runs
+            # The host fetches the next batch while the step runs.
+            batch = setup.batch(next(data.train))
             bar.update(1)
             if step % trainer.log_every == 0 or step == trainer.steps:
                 host_totals = _host(totals)
                 faults = check_nonfinite(host_totals, window=step - last_log_step)
                 train_metrics = summarise(host_totals, scales)
-                totals = jax.tree.map(jnp.zeros_like, totals)
+                totals = setup.zero_totals(batch)
                 now = time.perf_counter()
                 elapsed = now - last_log_time
                 done = step - last_log_step
@@ -299,8 +374,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
                     if faults.count:
                         bar.write(f"skipped non-finite steps: {faults.describe()}")
                 logged["train/lr"] = float(schedule(step - 1))
-                logged["perf/step_time_s"] = elapsed / done
-                logged["perf/tokens_per_s"] = tokens_per_step * done / elapsed
+                logged.update(throughput.metrics(done, elapsed))
                 tracker.log(logged, step)
                 bar.set_postfix(loss=f"{train_metrics['loss']:.4f}", refresh=False)
                 last_log_time, last_log_step = now, step
@@ -313,9 +387,9 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
                     f"val {k} {v:.4f}" for k, v in val_metrics.items()
                     if k in ("loss", "perplexity", "bits_per_char", "bits_per_dim", "accuracy")))
             if trainer.sample_every and step % trainer.sample_every == 0 and step < trainer.steps:
-                model_now, _ = nnx.merge(graphdef, state)
                 tracker.log_samples(data.sample_kind, generate_samples(
-                    model_now, data, cfg.sampler, jax.random.fold_in(base_key, -step)), step,
+                    local_model(graphdef, state), data, cfg.sampler,
+                    jax.random.fold_in(base_key, -step)), step,
                     sample_rate=data.info.get("sample_rate"))
             if checkpoint_now:
                 save(step, val_metrics, data_state)
@@ -323,9 +397,9 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
         checkpointer.wait()
 
         final_step = max(trainer.steps, start_step)
-        model_now, _ = nnx.merge(graphdef, state)
         final_val = evaluate(final_step) if val_metrics is None else val_metrics
-        samples = generate_samples(model_now, data, cfg.sampler, jax.random.fold_in(base_key, 2))
+        samples = generate_samples(local_model(graphdef, state), data, cfg.sampler,
+                                   jax.random.fold_in(base_key, 2))
         tracker.log_samples(data.sample_kind, samples, final_step,
                             sample_rate=data.info.get("sample_rate"))
         results.update({
@@ -336,19 +410,22 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
             **{f"val_{k}": v for k, v in final_val.items() if k != "loss"},
             "num_params": n_params,
             "num_params_non_embedding": model.num_params(non_embedding=True),
-            "tokens_seen": tokens_per_step * final_step,
-            "flops_per_step": flops_per_step,
-            "train_flops": None if flops_per_step is None else flops_per_step * final_step,
+            "tokens_seen": throughput.units_per_step * final_step,
+            "flops_per_step": throughput.flops_per_step,
+            "train_flops": (None if throughput.flops_per_step is None
+                            else throughput.flops_per_step * final_step),
+            "num_devices": mesh.size,
             "wall_time_s": time.perf_counter() - t_start,
             "run_dir": str(run_dir),
             "wandb_run_id": tracker.run_id,
             "experiment": cfg.experiment,
         })
         tracker.summary(results)
+        exit_code = 0
         return results
     finally:
         checkpointer.close()
-        tracker.finish()
+        tracker.finish(exit_code=exit_code)  # a failed or preempted run is not a success
 
 
 def dump_results(results: dict[str, Any]) -> str:

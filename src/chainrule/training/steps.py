@@ -1,10 +1,15 @@
-"""Compiled train and eval steps over (model, optimizer) state, for any model family.
+"""The compiled train and eval steps, generic over model families.
 
-The step functions are pure: they take the flat nnx state, merge it with the static graph
+The steps take the flat nnx state (model + optimizer), merge it with the static graph
 definition inside `jax.jit` (a trace-time cost only) and return the new state. The state is
-donated, so parameters and optimizer moments are updated in place. Metrics are summed on
+donated, so parameters and optimizer moments are updated in place, and its shardings are
+fixed on the way in and out, so the steps compile once for the mesh. Metrics are summed on
 device and only fetched when the loop logs. A step whose loss or gradient is not finite is
 not applied (`chainrule.training.nonfinite`).
+
+Mixed precision lives in the models (`dtype`: activations and matmuls in bfloat16, parameters
+and optimizer state float32). Gradient accumulation splits each batch into `accum`
+micro-batches inside the step (a `lax.scan`) and averages their gradients.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -20,32 +26,60 @@ from chainrule.training import nonfinite
 
 
 class Steps:
-    """train_step(state, totals, batch, step) -> (state, totals); eval(state, val) -> means."""
+    """train_step(state, totals, batch, step) -> (state, totals); evaluate(state, val) -> means.
 
-    def __init__(self, graphdef, base_key: jax.Array, wrt=nnx.Param):
+    `shardings` (of the state) and `batch_sharding`/`val_sharding` pin the layouts; `None`
+    leaves them to JAX (a single device).
+    """
+
+    def __init__(self, graphdef, base_key: jax.Array, wrt=nnx.Param, *, accum: int = 1,
+                 shardings=None, replicated=None):
         self.graphdef = graphdef
         self.base_key = base_key
         self.wrt = wrt  # which variables are trained (all parameters, or a prefix)
-        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1))
-        self.evaluate = jax.jit(self._evaluate)
+        self.accum = accum
+        train_out = None if shardings is None else (shardings, replicated)
+        self.train_step = jax.jit(self._train_step, donate_argnums=(0, 1),
+                                  out_shardings=train_out)
+        self.evaluate = jax.jit(self._evaluate, out_shardings=replicated)
 
-    def _grads(self, model, batch, step):
-        """Gradients and loss metrics for one batch; dropout keys derive from the step."""
-        key = jax.random.fold_in(self.base_key, step)
+    def _grads(self, graphdef, params, rest, batch, key):
+        """Gradients (w.r.t. `params`, the trained variables) and loss metrics for one
+        (micro-)batch. Plain `jax.grad` over split state, so it also runs inside `lax.scan`."""
 
-        def loss_fn(model):
-            rngs = nnx.Rngs(dropout=key)  # made inside the transform: nnx tracks its trace
-            metrics = model.train_loss(batch, rngs=rngs, training=True)
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, rest)
+            metrics = model.train_loss(batch, rngs=nnx.Rngs(dropout=key), training=True)
             return metrics["loss"], metrics
 
-        grads, metrics = nnx.grad(loss_fn, argnums=nnx.DiffState(0, self.wrt),
-                                  has_aux=True)(model)
-        return grads, metrics
+        return jax.grad(loss_fn, has_aux=True)(params)
+
+    def _accumulated_grads(self, model, batch, step):
+        """Mean gradients and metrics over `accum` micro-batches; dropout keys from the step."""
+        key = jax.random.fold_in(self.base_key, step)
+        graphdef, params, rest = nnx.split(model, self.wrt, ...)
+        if self.accum == 1:
+            return self._grads(graphdef, params, rest, batch, key)
+        # Micro-batch i takes rows i, i + accum, ...: each device keeps its own rows, so the
+        # split moves no data between devices.
+        micro = jax.tree.map(lambda x: jnp.swapaxes(
+            x.reshape(x.shape[0] // self.accum, self.accum, *x.shape[1:]), 0, 1), batch)
+
+        def one(total, xs):
+            i, mb = xs
+            out = self._grads(graphdef, params, rest, mb, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, total, out), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                             jax.eval_shape(self._grads, graphdef, params, rest, first, key))
+        total, _ = jax.lax.scan(one, zeros, (jnp.arange(self.accum), micro))
+        return jax.tree.map(lambda x: x / self.accum, total)
 
     def _train_step(self, state, totals, batch, step):
         before = jax.tree.map(lambda x: x, state)  # merge shares `state`'s variables
         model, optimizer = nnx.merge(self.graphdef, state)
-        grads, metrics = self._grads(model, batch, step)
+        grads, metrics = self._accumulated_grads(model, batch, step)
         optimizer.update(model, grads)
         metrics = dict(metrics, grad_norm=optax.global_norm(grads),
                        count=jnp.ones((), jnp.float32))
@@ -53,22 +87,21 @@ class Steps:
                                             metrics["loss"], metrics["grad_norm"])
         return new_state, nonfinite.accumulate(totals, metrics, finite, step)
 
-    def zero_totals(self, state, batch) -> dict[str, jax.Array]:
-        """Zeroed metric sums with the structure the train step produces."""
+    def metric_names(self, state, batch) -> list[str]:
+        """The metrics the train step sums (the model's losses, grad_norm, count), and its
+        non-finite step counters."""
         def metrics(state, batch):
             model, _ = nnx.merge(self.graphdef, state)
-            return self._grads(model, batch, jnp.int32(0))[1]
+            return self._grads(*nnx.split(model, self.wrt, ...), batch, self.base_key)[1]
 
-        shapes = jax.eval_shape(metrics, state, batch)
-        totals = {k: jnp.zeros((), jnp.float32) for k in shapes}
-        totals["grad_norm"] = jnp.zeros((), jnp.float32)
-        totals["count"] = jnp.zeros((), jnp.float32)
-        return totals | nonfinite.zero_counters()
+        return [*jax.eval_shape(metrics, state, batch), "grad_norm", "count",
+                *nonfinite.COUNTERS]
 
     def flops_per_step(self, state, totals, batch) -> float | None:
-        """XLA's count of the train step's FLOPs (from the lowered program; no compile)."""
+        """XLA's count of the train step's FLOPs, all devices together (from the lowered,
+        unpartitioned program; no compile)."""
         try:
-            cost = self.train_step.lower(state, totals, batch, jnp.int32(0)).cost_analysis()
+            cost = self.train_step.lower(state, totals, batch, np.int32(0)).cost_analysis()
         except Exception:  # cost analysis is best-effort on some backends
             return None
         cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -81,6 +114,6 @@ class Steps:
         return jax.tree.map(jnp.mean, per_batch)
 
 
-def stack_batches(batches: list[dict[str, Any]]) -> dict[str, jax.Array]:
-    """[{k: [B, ...]}] * N -> {k: [N, B, ...]} on device, once."""
-    return {k: jnp.stack([jnp.asarray(b[k]) for b in batches]) for k in batches[0]}
+def stack_batches(batches: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """[{k: [B, ...]}] * N -> {k: [N, B, ...]} (host arrays)."""
+    return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
