@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 # A job of seconds: one layer, 16-character contexts, 4 steps.
-TINY = ["debug=smoke", "model.num_layers=1", "data.sequence_length=16", "trainer.steps=4",
+TINY = ["debug=smoke", "model.num_layers=1", "model.network.num_heads=4", "data.sequence_length=16",
+        "trainer.steps=4",
         "trainer.eval_every=2", "trainer.checkpoint_every=4", "sampler.max_length=8",
         "sampler.num_samples=1"]
 
