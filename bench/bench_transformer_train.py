@@ -1,7 +1,8 @@
 """Train throughput (tokens/s) of the nanoGPT CPU "baby" shape, and the 2000-iteration recipe.
 
     python bench/bench_transformer_train.py            # throughput only (about a minute)
-    python bench/bench_transformer_train.py --recipe   # + experiment=shakespeare_char_cpu
+    python bench/bench_transformer_train.py --recipe   # + experiment=shakespeare_char_cpu,
+                                                       #   seeds 0 1 2 (about 10 minutes)
 
 Shape: 4 layers, 4 heads, 128 wide, block 64, batch 12, vocab 65. Compared in the same run:
 chainrule's train step (flat state through `jax.jit`, donated) against the straightforward
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -86,26 +88,39 @@ def throughput() -> dict:
     return out
 
 
-def recipe() -> dict:
-    """Run experiment=shakespeare_char_cpu end to end; report val loss and wall time."""
+def recipe(seeds: list[int]) -> dict:
+    """Run experiment=shakespeare_char_cpu end to end once per seed; report each run's val loss
+    and wall time, and their medians."""
     root = Path(__file__).resolve().parents[1]
-    run_dir = root / "outputs" / "bench" / f"shakespeare_char_cpu-{int(time.time())}"
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "train.py", "experiment=shakespeare_char_cpu",
-                    "logger=none", f"hydra.run.dir={run_dir}"], cwd=root, check=True)
-    wall = time.perf_counter() - t
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    print(f"shakespeare_char_cpu: val loss {metrics['val_loss']:.4f} nats/char after "
-          f"{metrics['final_step']} steps, {wall:.0f} s wall (training {metrics['wall_time_s']:.0f} s)")
-    return {"val_loss": metrics["val_loss"], "wall_s": wall, "train_s": metrics["wall_time_s"],
-            "run_dir": str(run_dir)}
+    runs = []
+    for seed in seeds:
+        run_dir = root / "outputs" / "bench" / f"shakespeare_char_cpu-seed{seed}-{int(time.time())}"
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", "experiment=shakespeare_char_cpu",
+                        f"seed={seed}", "logger=none", f"hydra.run.dir={run_dir}"],
+                       cwd=root, check=True)
+        wall = time.perf_counter() - t
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        runs.append({"seed": seed, "val_loss": metrics["val_loss"], "wall_s": wall,
+                     "train_s": metrics["wall_time_s"], "run_dir": str(run_dir)})
+        print(f"shakespeare_char_cpu seed {seed}: val loss {metrics['val_loss']:.4f} nats/char "
+              f"after {metrics['final_step']} steps, {wall:.0f} s wall "
+              f"(training {metrics['wall_time_s']:.0f} s)")
+    out = {"runs": runs, **{f"median_{k}": statistics.median(r[k] for r in runs)
+                            for k in ("val_loss", "wall_s", "train_s")}}
+    print(f"shakespeare_char_cpu, median of {len(runs)} seeds: val loss "
+          f"{out['median_val_loss']:.4f}, training {out['median_train_s']:.0f} s, "
+          f"wall {out['median_wall_s']:.0f} s")
+    return out
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", action="store_true", help="also run the 2000-step recipe")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="the recipe's seeds (one run each; the median is reported)")
     args = parser.parse_args()
     results = {"throughput": throughput()}
     if args.recipe:
-        results["recipe"] = recipe()
+        results["recipe"] = recipe(args.seeds)
     save("transformer_train", results)

@@ -47,7 +47,7 @@ class TransformerNetworkConfig:
     mlp_ratio: float = 4.0
     positional_encoding: str = "sinusoidal"
     dropout_rate: float = 0.1
-    use_bias: bool = True
+    use_bias: bool = True  # biases in the linear layers and layer norms (nanoGPT: bias=False)
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
@@ -129,6 +129,15 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def _masked_attention(q, keys_t, values, mask):
+    """Softmax attention of q [N, T, D] over transposed keys [N, D, S] and values [N, S, D]
+    where `mask` [N, T, S] is true; scores and softmax in float32. -> [N, T, D]."""
+    scores = jnp.einsum("ntd,nds->nts", q, keys_t, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores / math.sqrt(q.shape[-1]), jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("nts,nsd->ntd", weights, values)
+
+
 def _dense(rngs, d_in, d_out, axes, *, std=0.02, dtype=jnp.float32, use_bias=True):
     init = logical(nnx.initializers.normal(std), *axes)
     return nnx.Linear(d_in, d_out, kernel_init=init, use_bias=use_bias, dtype=dtype, rngs=rngs)
@@ -160,33 +169,43 @@ class CausalSelfAttention(nnx.Module):
         q, k, v = (a.reshape(b, t, self.num_heads, d // self.num_heads) for a in (q, k, v))
         if self.rope_base is not None:
             q, k = apply_rope(q, positions, self.rope_base), apply_rope(k, positions, self.rope_base)
+        if kv_cache is None and valid_from is None and self.prefix_k is None:
+            # The training path: plain causal attention over the chunk.
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            return self.proj(out.reshape(b, t, d)), None
+        # Decoding, padded prompts, prefixes. Heads are folded into the batch, keys stored
+        # transposed: keys [B*H, D, S], values [B*H, S, D], so both attention products are plain
+        # batched matmuls and XLA updates the cache in place inside the decode loop (with
+        # [B, S, H, D] it copied the whole cache several times per token).
+        n, hd = b * self.num_heads, d // self.num_heads
+        q = q.transpose(0, 2, 1, 3).reshape(n, t, hd)
+        k = k.transpose(0, 2, 3, 1).reshape(n, hd, t)
+        v = v.transpose(0, 2, 1, 3).reshape(n, t, hd)
         if kv_cache is None:
-            if valid_from is None and self.prefix_k is None:  # the training path: plain causal
-                out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-                return self.proj(out.reshape(b, t, d)), None
             keys, values, first_query = k, v, 0
         else:
             # Write this chunk's keys/values at cache_index; attend to filled slots <= query.
             keys = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype),
-                                                (0, cache_index, 0, 0))
+                                                (0, 0, cache_index))
             values = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype),
-                                                  (0, cache_index, 0, 0))
+                                                  (0, cache_index, 0))
             kv_cache, first_query = (keys, values), cache_index
-        slots = jnp.arange(keys.shape[1])
+        slots = jnp.arange(keys.shape[2])
         mask = (slots[None, :] <= (first_query + jnp.arange(t))[:, None])[None, None]  # [1,1,T,S]
         if valid_from is not None:
             mask = mask & (slots >= valid_from[:, None, None, None])
         if self.prefix_k is not None:
-            prefix_shape = (b,) + self.prefix_k.shape
-            keys = jnp.concatenate([jnp.broadcast_to(self.prefix_k[...], prefix_shape)
-                                    .astype(keys.dtype), keys], axis=1)
-            values = jnp.concatenate([jnp.broadcast_to(self.prefix_v[...], prefix_shape)
-                                      .astype(values.dtype), values], axis=1)
-            mask = jnp.broadcast_to(mask, (mask.shape[0], 1, t, slots.size))
-            mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (self.prefix_k.shape[0],), bool),
-                                    mask], axis=-1)
-        out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype),
-                                           mask=mask)
+            p = self.prefix_k.shape[0]
+            prefix_k = jnp.broadcast_to(self.prefix_k[...].transpose(1, 2, 0), (b, self.num_heads, hd, p))
+            prefix_v = jnp.broadcast_to(self.prefix_v[...].transpose(1, 0, 2), (b, self.num_heads, p, hd))
+            keys = jnp.concatenate([prefix_k.reshape(n, hd, p).astype(keys.dtype), keys], axis=2)
+            values = jnp.concatenate([prefix_v.reshape(n, p, hd).astype(values.dtype), values],
+                                     axis=1)
+            mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (p,), bool),
+                                    jnp.broadcast_to(mask, mask.shape[:3] + (slots.size,))], axis=-1)
+        mask = jnp.broadcast_to(mask, (b, self.num_heads, t, mask.shape[-1])).reshape(n, t, -1)
+        out = _masked_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+        out = out.reshape(b, self.num_heads, t, hd).transpose(0, 2, 1, 3)
         return self.proj(out.reshape(b, t, d)), kv_cache
 
 
@@ -196,9 +215,9 @@ class Block(nnx.Module):
     def __init__(self, net: TransformerNetworkConfig, num_layers: int, dropout: float, dtype,
                  prefix_length: int = 0, *, rngs: nnx.Rngs):
         d, hidden = net.embed_dim, int(net.embed_dim * net.mlp_ratio)
-        self.ln1 = nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+        self.ln1 = nnx.LayerNorm(d, epsilon=1e-5, use_bias=net.use_bias, dtype=dtype, rngs=rngs)
         self.attn = CausalSelfAttention(net, num_layers, dtype, prefix_length, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, epsilon=1e-5, use_bias=net.use_bias, dtype=dtype, rngs=rngs)
         self.fc = _dense(rngs, d, hidden, ("embed", "mlp"), dtype=dtype, use_bias=net.use_bias)
         self.out = _dense(rngs, hidden, d, ("mlp", "embed"), std=0.02 / math.sqrt(2 * num_layers),
                           dtype=dtype, use_bias=net.use_bias)
@@ -247,7 +266,8 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         self.blocks = nnx.List([Block(net, config.num_layers, config.effective_dropout, dtype,
                                       config.prefix_length, rngs=rngs)
                                 for _ in range(config.num_layers)])
-        self.ln_f = nnx.LayerNorm(d, epsilon=1e-5, dtype=dtype, rngs=rngs)
+        self.ln_f = nnx.LayerNorm(d, epsilon=1e-5, use_bias=net.use_bias, dtype=dtype,
+                                 rngs=rngs)
         self.lm_head = (None if config.tie_weights else
                         _dense(rngs, d, config.vocab_size, ("embed", "vocab"), dtype=dtype,
                                use_bias=False))
@@ -325,11 +345,19 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
 
     # --------------------------------------------------------------- generation
     def init_cache(self, batch_size: int, max_length: int):
-        """Zeroed key/value cache: one (keys, values) pair [B, S, H, D] per layer."""
+        """Zeroed key/value cache, one (keys [B*H, D, S], values [B*H, S, D]) pair per layer:
+        heads folded into the batch, keys transposed (see `CausalSelfAttention`)."""
         net = self.config.network
-        shape = (batch_size, max_length, net.num_heads, net.embed_dim // net.num_heads)
+        n, hd = batch_size * net.num_heads, net.embed_dim // net.num_heads
         dtype = DTYPES[self.config.dtype or "float32"]
-        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks]
+        return [(jnp.zeros((n, hd, max_length), dtype), jnp.zeros((n, max_length, hd), dtype))
+                for _ in self.blocks]
+
+    def reorder_cache(self, cache, index: jax.Array):
+        """The cache of the sequences `index` [B'] (beam search follows its parents)."""
+        heads = self.config.network.num_heads
+        rows = (index[:, None] * heads + jnp.arange(heads)).reshape(-1)
+        return jax.tree.map(lambda c: c[rows], cache)
 
     def generate(self, n_samples: int = 1, max_length: int | None = None, temperature=1.0,
                  top_k=None, top_p=None, rngs: nnx.Rngs | None = None, *, prompt=None,

@@ -1,7 +1,8 @@
 """Beam search over a cached decoder, compiled as one loop.
 
 Works with any model that speaks the cached-decoding extra of the protocol:
-`init_cache(batch, length)` and `model(tokens, cache=, cache_index=)` -> {"logits", "cache"}.
+`init_cache(batch, length)`, `reorder_cache(cache, index)` and
+`model(tokens, cache=, cache_index=)` -> {"logits", "cache"}.
 
 The beams are the batch. Each step scores every (beam, token) extension by the sum of
 log-probabilities of the generated tokens and keeps the best `beam_size`; the caches follow
@@ -72,7 +73,7 @@ def _beam_loop(model, buffer, start, end, eos, pad, alpha):
         parent, token = index // vocab, (index % vocab).astype(jnp.int32)
         buffer = buffer[parent]
         buffer = jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None], t, axis=1)
-        cache = jax.tree.map(lambda c: c[parent], out["cache"])
+        cache = model.reorder_cache(out["cache"], parent)
         lengths = lengths[parent] + (~finished[parent]).astype(jnp.int32)
         finished = finished[parent] | (token == eos)
         return buffer, cache, scores, finished, lengths
