@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -395,8 +396,15 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         if not width <= total:
             raise ValueError(f"the prompt ({width} tokens) is longer than max_length={total}")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        # The cache holds at most `sequence_length` slots; longer samples slide a window.
-        use_cache = use_cache and total <= self.config.sequence_length
+        # The cache holds at most `sequence_length` slots; longer samples slide a window of
+        # full forward passes, tens of times slower: say so rather than slow down silently.
+        if use_cache and total > self.config.sequence_length:
+            warnings.warn(f"generating {total} tokens with a context of "
+                          f"{self.config.sequence_length}: past the context the key/value cache "
+                          "cannot be used, so every token is a full forward pass over a sliding "
+                          f"window (max_length <= {self.config.sequence_length} stays cached)",
+                          stacklevel=2)
+            use_cache = False
         size = _bucket(total)
         if use_cache:
             size = min(size, self.config.sequence_length)
