@@ -196,14 +196,13 @@ class CausalSelfAttention(nnx.Module):
         if valid_from is not None:
             mask = mask & (slots >= valid_from[:, None, None, None])
         if self.prefix_k is not None:
-            p = self.prefix_k.shape[0]
-            prefix_k = jnp.broadcast_to(self.prefix_k[...].transpose(1, 2, 0), (b, self.num_heads, hd, p))
-            prefix_v = jnp.broadcast_to(self.prefix_v[...].transpose(1, 0, 2), (b, self.num_heads, p, hd))
+            p, h = self.prefix_k.shape[0], self.num_heads
+            prefix_k = jnp.broadcast_to(self.prefix_k[...].transpose(1, 2, 0), (b, h, hd, p))
+            prefix_v = jnp.broadcast_to(self.prefix_v[...].transpose(1, 0, 2), (b, h, p, hd))
             keys = jnp.concatenate([prefix_k.reshape(n, hd, p).astype(keys.dtype), keys], axis=2)
             values = jnp.concatenate([prefix_v.reshape(n, p, hd).astype(values.dtype), values],
                                      axis=1)
-            mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (p,), bool),
-                                    jnp.broadcast_to(mask, mask.shape[:3] + (slots.size,))], axis=-1)
+            mask = jnp.concatenate([jnp.ones(mask.shape[:3] + (p,), bool), mask], axis=-1)
         mask = jnp.broadcast_to(mask, (b, self.num_heads, t, mask.shape[-1])).reshape(n, t, -1)
         out = _masked_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
         out = out.reshape(b, self.num_heads, t, hd).transpose(0, 2, 1, 3)
