@@ -286,7 +286,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
 
     n_params = model.num_params()
     main_process = jax.process_index() == 0
-    tracker = Tracker(run_dir, config_dict or {}, cfg.logger, run_id=run_id,
+    tracker = Tracker(run_dir, config_dict, cfg.logger, run_id=run_id,
                       is_main_process=main_process, resume=start_step > 0)
     val = setup.batch(stack_batches(data.val_batches), leading=1)
     scales = data.metric_scales
@@ -319,7 +319,7 @@ def _train(cfg: TrainConfig, run_dir: Path, config_dict: dict | None,
             raise stop_without_saving(f"step {step}: the parameters or optimizer state are not "
                                       "finite (an update overflowed)")
         meta = {"model_family": family, "wandb_run_id": tracker.run_id,
-                "best_val_loss": best_val, "config": config_dict or {}}
+                "best_val_loss": best_val, "config": config_dict}
         metrics = {"val_loss": val_metrics["loss"]} if val_metrics else None
         checkpointer.save(step, {"model": state, "key": key_data(base_key)},
                           data_state=data_state, meta=meta, metrics=metrics,

@@ -37,10 +37,6 @@ def state_is_finite(tree) -> jax.Array:
     return jnp.isfinite(sum(zeros, jnp.zeros((), jnp.float32)))
 
 
-def zero_counters() -> dict[str, jax.Array]:
-    return {k: jnp.zeros((), jnp.float32) for k in COUNTERS}
-
-
 def accumulate(totals: dict, metrics: dict, finite: jax.Array, step: jax.Array) -> dict:
     """Add a step's metrics to the sums (a non-finite step adds nothing but its counter)."""
     out = {k: totals[k] + jnp.where(finite, metrics[k].astype(jnp.float32), 0.0)
