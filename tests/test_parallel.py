@@ -223,6 +223,27 @@ def test_mesh_shape_and_errors():
         HardwareConfig(axis_rules={"embed": "model"})
 
 
+def test_a_device_per_core_takes_the_largest_count_that_splits_the_batch(monkeypatch, tmp_path):
+    from chainrule.parallel import mesh as mesh_module
+
+    assert jax.device_count() == 8  # JAX has started, with conftest.py's 8 CPU devices
+    per_core = HardwareConfig(name="cpu_cores", num_cpu_devices=-1, mesh=MeshConfig(data=-1))
+    for cores, batch, expected in [(2, 12, 2), (5, 12, 4), (8, 12, 6), (16, 16, 8), (3, 7, 1)]:
+        monkeypatch.setattr(mesh_module, "cores_available", lambda cores=cores: cores)
+        fitted = mesh_module.fit_to_cores(per_core, batch)
+        # Never more devices than JAX has started with; the count is left as it is.
+        assert (fitted.mesh.data, fitted.num_cpu_devices) == (expected, None)
+    assert mesh_module.fit_to_cores(HardwareConfig(), 12) == HardwareConfig()  # not -1: as is
+    with pytest.raises(ValueError, match="num_cpu_devices=-1 .* expected mesh"):
+        HardwareConfig(num_cpu_devices=-1, mesh=MeshConfig(data=1, fsdp=2))
+
+    monkeypatch.setattr(mesh_module, "cores_available", lambda: 3)
+    cfg = config("transformer", MeshConfig(data=-1), steps=2, num_cpu_devices=-1)
+    cfg.data.batch_size = 6
+    results = train(cfg, tmp_path / "run")
+    assert results["num_devices"] == 3 and math.isfinite(results["val_loss"])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -176,7 +176,7 @@ class HardwareConfig:
 
     `platform` must be what JAX finds (cpu, gpu, tpu). `num_cpu_devices` splits the host CPU
     into that many JAX devices (to try sharding anywhere; it must be set before JAX starts, as
-    train.py does). `compute_dtype` is the dtype of activations and matmuls; parameters and
+    train.py does); -1 means one device per core, data parallel (`parallel.fit_to_cores`). `compute_dtype` is the dtype of activations and matmuls; parameters and
     optimizer state stay float32. `peak_tflops_per_device` overrides the table used for MFU.
     """
 
@@ -195,8 +195,14 @@ class HardwareConfig:
                f"hardware.platform={self.platform!r}; expected cpu, gpu or tpu")
         _check(self.compute_dtype in COMPUTE_DTYPES,
                f"hardware.compute_dtype={self.compute_dtype!r}; expected one of {COMPUTE_DTYPES}")
-        _check(self.num_cpu_devices is None or self.num_cpu_devices >= 1,
-               f"hardware.num_cpu_devices must be >= 1, got {self.num_cpu_devices}")
+        _check(self.num_cpu_devices is None or self.num_cpu_devices >= 1
+               or self.num_cpu_devices == -1,
+               f"hardware.num_cpu_devices must be >= 1 or -1 (one per core), got "
+               f"{self.num_cpu_devices}")
+        _check(self.num_cpu_devices != -1 or (self.mesh.data == -1 and self.mesh.fsdp == 1
+                                              and self.mesh.tensor == 1),
+               f"hardware.num_cpu_devices=-1 (one device per core) splits the batch over the "
+               f"cores: expected mesh {{data: -1, fsdp: 1, tensor: 1}}, got {self.mesh}")
         _check(self.num_cpu_devices is None or self.platform == "cpu",
                f"hardware.num_cpu_devices is for platform cpu, not {self.platform!r}")
         for logical, axes in self.axis_rules.items():

@@ -44,7 +44,8 @@ def preflight(cfg: DictConfig, run_dir: Path) -> TrainConfig:
     from chainrule import parallel
     from chainrule.training.restore import check_resumable
 
-    parallel.start_runtime(train_cfg.hardware)
+    parallel.start_runtime(parallel.fit_to_cores(
+        train_cfg.hardware, train_cfg.data.batch_size // train_cfg.trainer.grad_accum_steps))
     check_resumable(train_cfg, run_dir)
     return train_cfg
 

@@ -1,7 +1,13 @@
 """Where a run executes: start-up, the device mesh, and shardings from logical axis names."""
 
 from chainrule.parallel.devices import DeviceManager
-from chainrule.parallel.mesh import build_mesh, check_platform, describe, start_runtime
+from chainrule.parallel.mesh import (
+    build_mesh,
+    check_platform,
+    describe,
+    fit_to_cores,
+    start_runtime,
+)
 from chainrule.parallel.sharding import (
     batch_shards,
     create_sharded,
@@ -13,4 +19,4 @@ from chainrule.parallel.sharding import (
 )
 
 __all__ = ["DeviceManager", "batch_shards", "build_mesh", "check_platform", "create_sharded", "describe",
-           "global_batch", "normalise_rules", "replicate", "replicated", "start_runtime", "state_shardings"]
+           "fit_to_cores", "global_batch", "normalise_rules", "replicate", "replicated", "start_runtime", "state_shardings"]

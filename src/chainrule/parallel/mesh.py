@@ -1,5 +1,6 @@
 """Start-up and the device mesh: what `hardware=...` turns into before anything is built.
 
+    hw = fit_to_cores(hw, batch_size)  # num_cpu_devices=-1: one CPU device per core
     start_runtime(hw)        # CPU device count, multi-process start-up, platform check
     mesh = build_mesh(hw)    # a jax Mesh with axes (data, fsdp, tensor), Auto sharding
 
@@ -8,6 +9,7 @@ Both fail with one line that says what was asked for and what was found.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -31,6 +33,36 @@ def _distributed_wanted(dist: DistributedConfig) -> bool:
         slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
         return slurm_tasks > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ
     return dist.enabled == "true"
+
+
+def cores_available() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def fit_to_cores(hw: HardwareConfig, batch_size: int) -> HardwareConfig:
+    """`hardware.num_cpu_devices=-1`: as many CPU devices as cores, data parallel, capped at the
+    largest count that splits `batch_size` (the per-step batch) evenly; any other setting is
+    returned as is.
+
+    Why: XLA runs a small model's ops one after another, each too small to keep every core
+    busy (experiment=shakespeare_char_cpu: 1.5x faster on 2 cores than one device). Once JAX
+    has started (tests, notebooks) the devices it has are used, never more.
+    """
+    if hw.num_cpu_devices != -1:
+        return hw
+    if _distributed_wanted(hw.distributed):
+        raise ValueError(f"hardware={hw.name}: num_cpu_devices=-1 (a device per core) is for "
+                         "single-process runs; set a device count per process")
+    started = _backends_started()
+    cores = cores_available()
+    if started and jax.default_backend() == "cpu":
+        cores = min(cores, jax.local_device_count("cpu"))
+    n = max(d for d in range(1, cores + 1) if batch_size % d == 0)
+    return dataclasses.replace(hw, num_cpu_devices=None if started else n,
+                               mesh=dataclasses.replace(hw.mesh, data=n))
 
 
 def start_runtime(hw: HardwareConfig) -> None:

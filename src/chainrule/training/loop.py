@@ -185,8 +185,9 @@ def train(cfg: TrainConfig, run_dir: Path, *, config_dict: dict | None = None) -
     SIGTERM checkpoints the current step and exits (code 143); re-running resumes there.
     """
     run_dir = Path(run_dir)
-    parallel.start_runtime(cfg.hardware)
-    mesh = parallel.build_mesh(cfg.hardware)
+    hw = parallel.fit_to_cores(cfg.hardware, cfg.data.batch_size // cfg.trainer.grad_accum_steps)
+    parallel.start_runtime(hw)
+    mesh = parallel.build_mesh(hw)
     check_batch_layout(cfg.data.batch_size, cfg.trainer.grad_accum_steps,
                        parallel.batch_shards(mesh, parallel.normalise_rules(cfg.hardware.axis_rules)))
     check_resumable(cfg, run_dir)  # before anything is written there
