@@ -417,13 +417,14 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         stop_ids = np.full((8 * (len(stops) // 8 + 1),), -1, np.int32)  # bucketed, -1 unused
         stop_ids[:len(stops)] = stops
         pad = 0 if self.config.pad_token_id is None else self.config.pad_token_id
-        knobs = Knobs(jnp.float32(temperature), jnp.int32(top_k or 0),
-                      jnp.float32(1.0 if top_p is None else top_p),
-                      jnp.float32(repetition_penalty), jnp.int32(min_new_tokens),
-                      jnp.asarray(stop_ids), jnp.int32(pad))
+        # Host (numpy) values go to the compiled loop with the call: no dispatch per value.
+        knobs = Knobs(np.float32(temperature), np.int32(top_k or 0),
+                      np.float32(1.0 if top_p is None else top_p),
+                      np.float32(repetition_penalty), np.int32(min_new_tokens), stop_ids,
+                      np.int32(pad))
         decode = _decode_cached if use_cache else _decode_windowed
-        out = decode(self, jnp.asarray(buffer), jnp.asarray(offsets, jnp.int32), jnp.int32(width),
-                     jnp.int32(total), _draw_key(rngs), knobs, min(_bucket(width, 8), size))
+        out = decode(self, buffer, offsets.astype(np.int32), np.int32(width), np.int32(total),
+                     _draw_key(rngs), knobs, min(_bucket(width, 8), size))
         out = np.asarray(out[:, :total])
         if offsets.any():  # ragged prompts: shift each row so its prompt comes first
             out = np.stack([np.concatenate([row[o:], np.full(o, pad, np.int32)])
@@ -452,7 +453,7 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
             if not np.issubdtype(np.asarray(r).dtype, np.integer):
                 raise ValueError(f"prompt token ids must be integers, got {np.asarray(r).dtype}")
             batch[i, :len(r)] = r
-        self._check_tokens(jnp.asarray(batch))
+        self._check_tokens(batch)
         return batch, lengths
 
     def generate_with_cache(self, n_samples: int = 1, max_length: int | None = None,
@@ -546,7 +547,7 @@ def _decode_loop(buffer, offsets, start, end, key, knobs: Knobs, vocab: int, nex
     return jax.lax.while_loop(cond, body, state)[1]
 
 
-@functools.partial(nnx.jit, static_argnums=(7,))
+@functools.partial(jax.jit, static_argnums=(7,))
 def _decode_cached(model, buffer, offsets, start, end, key, knobs, prefill_len):
     """Prefill the first `prefill_len` slots in one pass, then one token per step."""
     n, size = buffer.shape
@@ -566,7 +567,7 @@ def _decode_cached(model, buffer, offsets, start, end, key, knobs, prefill_len):
                         next_logits, cache)
 
 
-@functools.partial(nnx.jit, static_argnums=(7,))
+@functools.partial(jax.jit, static_argnums=(7,))
 def _decode_windowed(model, buffer, offsets, start, end, key, knobs, prefill_len):
     """Reference decoder: a full forward pass over the last `sequence_length` slots per step."""
     del prefill_len

@@ -14,12 +14,9 @@ At the end, scores are divided by the GNMT length penalty ((5 + length) / 6) ** 
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 
 def beam_search(model, prompt=None, *, beam_size: int = 4, max_length: int | None = None,
@@ -31,7 +28,7 @@ def beam_search(model, prompt=None, *, beam_size: int = 4, max_length: int | Non
         prompt = prompt[0]
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError(f"beam_search takes one prompt of shape [P], got {prompt.shape}")
-    model._check_tokens(jnp.asarray(prompt[None]))
+    model._check_tokens(prompt[None])
     max_length = config.sequence_length if max_length is None else int(max_length)
     if not prompt.size < max_length <= config.sequence_length:
         raise ValueError(f"max_length={max_length} must exceed the prompt ({prompt.size} tokens) "
@@ -49,7 +46,7 @@ def beam_search(model, prompt=None, *, beam_size: int = 4, max_length: int | Non
     return seqs[:, :max_length], scores
 
 
-@functools.partial(nnx.jit)
+@jax.jit
 def _beam_loop(model, buffer, start, end, eos, pad, alpha):
     k, size = buffer.shape
     vocab = model.config.vocab_size

@@ -55,7 +55,7 @@ def speculative_sample(target, draft, prompt, max_new_tokens: int, num_draft_tok
     if num_draft_tokens < 1 or max_new_tokens < 1:
         raise ValueError("num_draft_tokens and max_new_tokens must be >= 1")
     for m in (target, draft):
-        m._check_tokens(jnp.asarray(prompt[None]))
+        m._check_tokens(prompt[None])
     total = prompt.size + max_new_tokens
     size = 1 << (total + num_draft_tokens + 1 - 1).bit_length()
     context = min(target.config.sequence_length, draft.config.sequence_length)
@@ -87,7 +87,7 @@ def _probs(logits, temperature, top_k, top_p):
     return jnp.where(temperature > 0, soft, hard)
 
 
-@functools.partial(nnx.jit, static_argnums=(9,))
+@functools.partial(jax.jit, static_argnums=(9,))
 def _speculative(target, draft, buffer, prompt_len, total, keys, temperature, top_k, top_p, k):
     t_graph, t_state = nnx.split(target)
     d_graph, d_state = nnx.split(draft)
