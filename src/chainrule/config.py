@@ -176,8 +176,9 @@ class HardwareConfig:
 
     `platform` must be what JAX finds (cpu, gpu, tpu). `num_cpu_devices` splits the host CPU
     into that many JAX devices (to try sharding anywhere; it must be set before JAX starts, as
-    train.py does); -1 means one device per core, data parallel (`parallel.fit_to_cores`). `compute_dtype` is the dtype of activations and matmuls; parameters and
-    optimizer state stay float32. `peak_tflops_per_device` overrides the table used for MFU.
+    train.py does); -1 means one device per core, data parallel (`parallel.fit_to_cores`).
+    `compute_dtype` is the dtype of activations and matmuls; parameters and optimizer state
+    stay float32. `peak_tflops_per_device` overrides the table used for MFU.
     """
 
     name: str = "cpu"
