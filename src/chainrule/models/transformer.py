@@ -521,9 +521,14 @@ def _choose(logits, key, seen, new_count, knobs: Knobs):
 
 
 def _decode_loop(buffer, offsets, start, end, key, knobs: Knobs, vocab: int, next_logits,
-                 carry):
+                 carry, stops=None, narrow=None, widen=None):
     """Fill slots start..end-1 of `buffer`; `next_logits(t, buffer, carry)` gives the logits
-    for slot t (computed at slot t - 1). Stops early once every row has hit a stop token."""
+    for slot t (computed at slot t - 1). Stops early once every row has hit a stop token.
+
+    `stops` (static, increasing, the last = buffer size) splits the steps into stretches
+    t < stop, each a loop of its own that sees `narrow(carry, stop)`, merged back with
+    `widen(carry, part)`: a cache narrowed to the slots filled so far keeps each step's
+    attention proportional to the position, not to the whole cache."""
     n, size = buffer.shape
     rows = jnp.arange(n)
     slots = jnp.arange(size)
@@ -540,11 +545,16 @@ def _decode_loop(buffer, offsets, start, end, key, knobs: Knobs, vocab: int, nex
         done = done | jnp.any(token[:, None] == knobs.stop_ids[None, :], axis=-1)
         return t + 1, buffer, carry, key, done, seen.at[rows, token].set(True)
 
-    def cond(state):
-        return (state[0] < end) & ~jnp.all(state[4])
-
     state = (start, buffer, carry, key, jnp.zeros((n,), bool), seen)
-    return jax.lax.while_loop(cond, body, state)[1]
+    for stop in stops or [size]:
+        def cond(state, stop=stop):
+            return (state[0] < jnp.minimum(end, stop)) & ~jnp.all(state[4])
+
+        part = state[2] if narrow is None else narrow(state[2], stop)
+        t, buffer, part, *rest = jax.lax.while_loop(cond, body, (state[0], state[1], part,
+                                                                 *state[3:]))
+        state = (t, buffer, part if widen is None else widen(state[2], part), *rest)
+    return state[1]
 
 
 @functools.partial(jax.jit, static_argnums=(7,))
@@ -563,8 +573,19 @@ def _decode_cached(model, buffer, offsets, start, end, key, knobs, prefill_len):
         out = model(token, positions=pos, cache=cache, cache_index=t - 1, valid_from=offsets)
         return out["logits"][:, -1], out["cache"]
 
+    # Stretches ending at 256, 512, ... slots: each attends over the cache filled so far.
+    stops = [s for s in (1 << i for i in range(8, size.bit_length())) if s < size] + [size]
+
+    def narrow(cache, stop):
+        return [(k[:, :, :stop], v[:, :stop]) for k, v in cache]
+
+    def widen(cache, part):
+        return [(jax.lax.dynamic_update_slice(k, kp, (0, 0, 0)),
+                 jax.lax.dynamic_update_slice(v, vp, (0, 0, 0)))
+                for (k, v), (kp, vp) in zip(cache, part, strict=True)]
+
     return _decode_loop(buffer, offsets, start, end, key, knobs, model.config.vocab_size,
-                        next_logits, cache)
+                        next_logits, cache, stops, narrow, widen)
 
 
 @functools.partial(jax.jit, static_argnums=(7,))
