@@ -62,15 +62,15 @@ def test_cached_logits_equal_uncached_with_left_padding(positional):
 
 
 def test_long_cached_decoding_across_cache_stretches_equals_full_passes():
-    """Past 256 slots the cached decoder runs in stretches over a cache narrowed to 256, 512
-    slots: the tokens must still be those of full forward passes (greedy, ragged prompts,
-    repetition penalty, and a draw with the same key)."""
-    model = tiny(vocab=32, seq=600, width=16, layers=1)
+    """Past 256 slots the cached decoder runs in stretches (a cache narrowed to 256 slots,
+    then the whole 320): the tokens must still be those of full forward passes (greedy, ragged
+    prompts, repetition penalty, and a draw with the same key)."""
+    model = tiny(vocab=32, seq=320, width=16, layers=1)
     # Large weights make every token depend on the whole history (a fresh model's do not).
     nnx.update(model, jax.tree.map(lambda p: p * 6, nnx.state(model, nnx.Param)))
     prompts = [np.array([3, 1, 4, 1, 5]), np.array([9, 2])]
     for kwargs in ({"temperature": 0.0, "repetition_penalty": 1.3}, {"temperature": 1.0}):
-        cached, full = (model.generate(2, prompt=prompts, max_new_tokens=540, use_cache=c,
+        cached, full = (model.generate(2, prompt=prompts, max_new_tokens=300, use_cache=c,
                                        rngs=nnx.Rngs(sample=7), **kwargs) for c in (True, False))
         np.testing.assert_array_equal(cached, full)
 
