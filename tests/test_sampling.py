@@ -81,3 +81,9 @@ def test_fused_processing_equals_the_filters_in_sequence():
         expected = top_p_filter(top_k_filter(temperature_scale(logits, t), k), p)
         np.testing.assert_array_equal(np.asarray(process_logits(logits, temperature=t, top_k=k,
                                                                 top_p=p)), np.asarray(expected))
+        # Told in advance (static) whether a filter may be on: the same values. With `filters`
+        # False no filter applies, which is only allowed when both are off.
+        for filters in (True, False) if (k, p) == (0, 1.0) else (True,):
+            np.testing.assert_array_equal(
+                np.asarray(process_logits(logits, temperature=t, top_k=k, top_p=p,
+                                          filters=filters)), np.asarray(expected))

@@ -168,7 +168,9 @@ def test_generation_does_not_recompile_per_length_or_knob():
 
     model = tiny()
     model.generate(2, 20, temperature=0.7, top_k=5)
+    model.generate(2, 20, temperature=0.7)  # no top-k/top-p: a loop without the sort
     compiled = _decode_cached._cache_size()
     model.generate(2, 25, temperature=0.3, top_p=0.5)  # same length bucket, other knobs
     model.generate(2, 30, temperature=0.0)
+    model.generate(2, 30, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2)
     assert _decode_cached._cache_size() == compiled

@@ -379,8 +379,9 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
 
         One compiled loop: the prompts are prefilled in one pass, then one token per step
         against the key/value cache (`use_cache`, default `config.use_cache`) or, as the slow
-        reference, a full pass over the last `sequence_length` tokens. Knobs are traced and
-        lengths bucketed to powers of two, so new settings rarely recompile.
+        reference, a full pass over the last `sequence_length` tokens. Knobs are traced (only
+        turning top-k/top-p on or off selects another compiled loop) and lengths bucketed to
+        powers of two, so new settings rarely recompile.
         """
         if conditioning is not None:
             if prompt is not None:
@@ -423,8 +424,11 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
                       np.float32(repetition_penalty), np.int32(min_new_tokens), stop_ids,
                       np.int32(pad))
         decode = _decode_cached if use_cache else _decode_windowed
+        # Whether top-k/top-p are on is compiled in (the sort stays out of a loop that never
+        # filters); their values are traced, so changing them does not recompile.
+        filters = (top_k or 0) > 0 or (top_p is not None and top_p < 1.0)
         out = decode(self, buffer, offsets.astype(np.int32), np.int32(width), np.int32(total),
-                     _draw_key(rngs), knobs, min(_bucket(width, 8), size))
+                     _draw_key(rngs), knobs, min(_bucket(width, 8), size), filters)
         out = np.asarray(out[:, :total])
         if offsets.any():  # ragged prompts: shift each row so its prompt comes first
             out = np.stack([np.concatenate([row[o:], np.full(o, pad, np.int32)])
@@ -511,17 +515,18 @@ def _draw_key(rngs: nnx.Rngs | None) -> jax.Array:
     return rngs  # a raw key
 
 
-def _choose(logits, key, seen, new_count, knobs: Knobs):
-    """Penalise repeats, forbid stopping before min_new_tokens, then draw."""
+def _choose(logits, key, seen, new_count, knobs: Knobs, filters: bool | None = None):
+    """Penalise repeats, forbid stopping before min_new_tokens, then draw (`filters`: whether
+    top-k/top-p may be on, static; see `process_logits`)."""
     logits = penalize_seen(logits, seen, knobs.repetition_penalty)
     is_stop = jnp.any(jnp.arange(logits.shape[-1])[:, None] == knobs.stop_ids[None, :], axis=-1)
     logits = jnp.where(is_stop & (new_count < knobs.min_new_tokens), -jnp.inf, logits)
     return sample_token(key, logits, temperature=knobs.temperature, top_k=knobs.top_k,
-                        top_p=knobs.top_p)
+                        top_p=knobs.top_p, filters=filters)
 
 
 def _decode_loop(buffer, offsets, start, end, key, knobs: Knobs, vocab: int, next_logits,
-                 carry, stops=None, narrow=None, widen=None):
+                 carry, stops=None, narrow=None, widen=None, filters: bool | None = None):
     """Fill slots start..end-1 of `buffer`; `next_logits(t, buffer, carry)` gives the logits
     for slot t (computed at slot t - 1). Stops early once every row has hit a stop token.
 
@@ -539,7 +544,7 @@ def _decode_loop(buffer, offsets, start, end, key, knobs: Knobs, vocab: int, nex
         t, buffer, carry, key, done, seen = state
         key, sub = jax.random.split(key)
         logits, carry = next_logits(t, buffer, carry)
-        token = _choose(logits, sub, seen, t - start, knobs)
+        token = _choose(logits, sub, seen, t - start, knobs, filters)
         token = jnp.where(done, knobs.pad_id, token)
         buffer = jax.lax.dynamic_update_slice_in_dim(buffer, token[:, None], t, axis=1)
         done = done | jnp.any(token[:, None] == knobs.stop_ids[None, :], axis=-1)
@@ -557,8 +562,8 @@ def _decode_loop(buffer, offsets, start, end, key, knobs: Knobs, vocab: int, nex
     return state[1]
 
 
-@functools.partial(jax.jit, static_argnums=(7,))
-def _decode_cached(model, buffer, offsets, start, end, key, knobs, prefill_len):
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _decode_cached(model, buffer, offsets, start, end, key, knobs, prefill_len, filters):
     """Prefill the first `prefill_len` slots in one pass, then one token per step."""
     n, size = buffer.shape
     positions = jnp.maximum(jnp.arange(size)[None, :] - offsets[:, None], 0)
@@ -585,11 +590,11 @@ def _decode_cached(model, buffer, offsets, start, end, key, knobs, prefill_len):
                 for (k, v), (kp, vp) in zip(cache, part, strict=True)]
 
     return _decode_loop(buffer, offsets, start, end, key, knobs, model.config.vocab_size,
-                        next_logits, cache, stops, narrow, widen)
+                        next_logits, cache, stops, narrow, widen, filters)
 
 
-@functools.partial(jax.jit, static_argnums=(7,))
-def _decode_windowed(model, buffer, offsets, start, end, key, knobs, prefill_len):
+@functools.partial(jax.jit, static_argnums=(7, 8))
+def _decode_windowed(model, buffer, offsets, start, end, key, knobs, prefill_len, filters):
     """Reference decoder: a full forward pass over the last `sequence_length` slots per step."""
     del prefill_len
     n, size = buffer.shape
@@ -607,7 +612,7 @@ def _decode_windowed(model, buffer, offsets, start, end, key, knobs, prefill_len
         return jax.lax.dynamic_index_in_dim(logits, t - 1 - first, axis=1, keepdims=False), carry
 
     return _decode_loop(buffer, offsets, start, end, key, knobs, model.config.vocab_size,
-                        next_logits, None)
+                        next_logits, None, filters=filters)
 
 
 def TransformerAR(vocab_size: int, sequence_length: int = 512, hidden_dim: int = 512,

@@ -74,11 +74,14 @@ def repetition_penalty(logits: jax.Array, previous_tokens: jax.Array, penalty,
     return penalize_seen(logits, jnp.any(hits, axis=-2), penalty)
 
 
-def process_logits(logits: jax.Array, *, temperature=1.0, top_k=None, top_p=None) -> jax.Array:
+def process_logits(logits: jax.Array, *, temperature=1.0, top_k=None, top_p=None,
+                   filters: bool | None = None) -> jax.Array:
     """Temperature, then top-k, then top-p: the order every chainrule sampler uses.
 
     Equal to `top_p_filter(top_k_filter(temperature_scale(...)))`, with one sort shared by both
     filters, and no sort at all when both are off (a `lax.cond` on the traced knobs).
+    `filters` (static) says in advance whether top-k/top-p may be on: False leaves the sort
+    out of the program (a compiled loop without it builds faster), True keeps it unconditional.
     """
     logits = temperature_scale(logits.astype(jnp.float32), temperature)
     k = _as(top_k, 0, jnp.int32)
@@ -93,7 +96,9 @@ def process_logits(logits: jax.Array, *, temperature=1.0, top_k=None, top_p=None
         keep = jnp.put_along_axis(jnp.zeros_like(keep), order, keep, axis=-1, inplace=False)
         return jnp.where(keep, logits, NEG_INF)
 
-    return jax.lax.cond((k > 0) | (p < 1.0), filtered, lambda x: x, logits)
+    if filters is None:
+        return jax.lax.cond((k > 0) | (p < 1.0), filtered, lambda x: x, logits)
+    return filtered(logits) if filters else logits
 
 
 def greedy(logits: jax.Array) -> jax.Array:
@@ -101,9 +106,11 @@ def greedy(logits: jax.Array) -> jax.Array:
 
 
 def sample_token(key: jax.Array, logits: jax.Array, *, temperature=1.0, top_k=None,
-                 top_p=None) -> jax.Array:
-    """Draw one token per row of `logits` [..., vocab]; temperature 0 is greedy."""
-    filtered = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+                 top_p=None, filters: bool | None = None) -> jax.Array:
+    """Draw one token per row of `logits` [..., vocab]; temperature 0 is greedy. `filters`:
+    as in `process_logits`."""
+    filtered = process_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                              filters=filters)
     drawn = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
     t = _as(temperature, 1.0, jnp.float32)
     return jnp.where(t > 0, drawn, greedy(logits))
