@@ -426,7 +426,7 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         decode = _decode_cached if use_cache else _decode_windowed
         # Whether top-k/top-p are on is compiled in (the sort stays out of a loop that never
         # filters); their values are traced, so changing them does not recompile.
-        filters = (top_k or 0) > 0 or (top_p is not None and top_p < 1.0)
+        filters = bool((top_k or 0) > 0) or bool(top_p is not None and top_p < 1.0)
         out = decode(self, buffer, offsets.astype(np.int32), np.int32(width), np.int32(total),
                      _draw_key(rngs), knobs, min(_bucket(width, 8), size), filters)
         out = np.asarray(out[:, :total])
