@@ -6,6 +6,10 @@ Shape: 4 layers, 4 heads, 128 wide, vocab 65, context 1024. For 128, 512 and 102
 (after a 1-token prompt): tokens/s (median of 3 runs after a warm-up), per-token cost, and the
 time to the first complete sample with compilation included (a fresh model, cold cache).
 The uncached decoder (a full forward pass over the context per token) is the reference.
+
+Also the floor under batch-1 decoding: the model's own 24 weight matrices (3.1 MB) multiplied
+by one vector each, per token, in a compiled loop with nothing else; at batch 1 every token has
+to read them all, so no cached decoder on this machine runs faster than this.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -30,6 +35,23 @@ def baby(context=1024, layers=4):
     cfg = TransformerConfig(vocab_size=65, sequence_length=context, network=net,
                             num_layers=layers)
     return build_model(cfg, rngs=nnx.Rngs(0))
+
+
+def weights_floor(model, tokens: int = 2000) -> float:
+    """Seconds per token to read every block matrix once as a matrix-vector product."""
+    kernels = [layer.kernel[...] for block in model.blocks
+               for layer in (block.attn.qkv, block.attn.proj, block.fc, block.out)]
+
+    def body(_, x):
+        for w in kernels:  # [d, 3d], [d, d], [d, 4d], [4d, d]: each product feeds the next
+            y = jnp.tanh(x[:, :w.shape[0]] @ w)
+            x = jnp.pad(y, ((0, 0), (0, max(0, x.shape[1] - y.shape[1]))))[:, :x.shape[1]]
+        return x
+
+    width = max(w.shape[0] for w in kernels)
+    loop = jax.jit(lambda x: jax.lax.fori_loop(0, tokens, body, x))
+    median, _ = timed(lambda: loop(jnp.ones((1, width), jnp.float32)), repeats=5)
+    return median / tokens
 
 
 def main(quick: bool) -> dict:
@@ -62,6 +84,10 @@ def main(quick: bool) -> dict:
                 print(f"batch {batch:>2} new {new:>5} {'cached  ' if cached else 'uncached'}: "
                       f"{row['tokens_per_s']:>9,.0f} tokens/s  ({row['us_per_token_step']:.0f} us "
                       f"per step)")
+    floor = weights_floor(model)
+    results["weights_floor_us_per_token"] = floor * 1e6
+    print(f"floor: the 24 weight matrices as matrix-vector products alone: {floor * 1e6:.0f} us "
+          f"per token ({1 / floor:,.0f} tokens/s at most at batch 1)")
     by = {(r["batch"], r["new_tokens"], r["cached"]): r for r in results["runs"]}
     last = lengths[-1]
     ratio = by[(1, last, True)]["us_per_token_step"] / by[(1, 128, True)]["us_per_token_step"]
