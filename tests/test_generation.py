@@ -75,6 +75,18 @@ def test_long_cached_decoding_across_cache_stretches_equals_full_passes():
         np.testing.assert_array_equal(cached, full)
 
 
+@pytest.mark.parametrize("positional", ["sinusoidal", "learned", "rope"])
+def test_unprompted_decoding_without_a_prefill_equals_full_passes(positional):
+    """With no prompt (one start symbol) the cached decoder skips the prefill pass and starts
+    from an empty cache: its tokens must still be those of full forward passes."""
+    model = tiny(vocab=32, seq=64, width=16, layers=1, positional=positional)
+    nnx.update(model, jax.tree.map(lambda p: p * 6, nnx.state(model, nnx.Param)))
+    for temperature in (0.0, 1.0):
+        cached, full = (model.generate(3, 40, temperature=temperature, use_cache=c,
+                                       rngs=nnx.Rngs(sample=5)) for c in (True, False))
+        np.testing.assert_array_equal(cached, full)
+
+
 def test_stop_tokens_min_new_tokens_and_padding():
     model = tiny(pad_token_id=0)
     free = np.asarray(model.generate(1, temperature=0.0, prompt=[3, 1], max_new_tokens=12))[0]

@@ -427,8 +427,11 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         # Whether top-k/top-p are on is compiled in (the sort stays out of a loop that never
         # filters); their values are traced, so changing them does not recompile.
         filters = bool((top_k or 0) > 0) or bool(top_p is not None and top_p < 1.0)
+        # A 1-token prompt needs no prefill pass: the loop's first step reads it (and a program
+        # without the prefill's copy of the model compiles ~1/3 faster: the first sample).
+        prefill = 0 if width == 1 else min(_bucket(width, 8), size)
         out = decode(self, buffer, offsets.astype(np.int32), np.int32(width), np.int32(total),
-                     _draw_key(rngs), knobs, min(_bucket(width, 8), size), filters)
+                     _draw_key(rngs), knobs, prefill, filters)
         out = np.asarray(out[:, :total])
         if offsets.any():  # ragged prompts: shift each row so its prompt comes first
             out = np.stack([np.concatenate([row[o:], np.full(o, pad, np.int32)])
@@ -564,13 +567,15 @@ def _decode_loop(buffer, offsets, start, end, key, knobs: Knobs, vocab: int, nex
 
 @functools.partial(jax.jit, static_argnums=(7, 8))
 def _decode_cached(model, buffer, offsets, start, end, key, knobs, prefill_len, filters):
-    """Prefill the first `prefill_len` slots in one pass, then one token per step."""
+    """Prefill the first `prefill_len` slots in one pass (none: the loop starts from an empty
+    cache), then one token per step."""
     n, size = buffer.shape
     positions = jnp.maximum(jnp.arange(size)[None, :] - offsets[:, None], 0)
     cache = model.init_cache(n, size)
-    # Slots >= start hold garbage after the prefill; each is rewritten before it is read.
-    cache = model(buffer[:, :prefill_len], positions=positions[:, :prefill_len], cache=cache,
-                  cache_index=0, valid_from=offsets)["cache"]
+    if prefill_len:
+        # Slots >= start hold garbage after the prefill; each is rewritten before it is read.
+        cache = model(buffer[:, :prefill_len], positions=positions[:, :prefill_len],
+                      cache=cache, cache_index=0, valid_from=offsets)["cache"]
 
     def next_logits(t, buffer, cache):
         token = jax.lax.dynamic_slice_in_dim(buffer, t - 1, 1, axis=1)
