@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
-def run(script, *args, check=True):
-    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=ENV, text=True,
+def run(script, *args, check=True, env=ENV):
+    proc = subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, text=True,
                           capture_output=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
@@ -45,6 +45,16 @@ def test_train_smoke_writes_a_complete_run(smoke_run):
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert "results: val_loss=" in proc.stdout
+
+
+def test_sample_cli_keeps_compiled_programs_for_the_next_run(smoke_run, tmp_path):
+    run_dir, _ = smoke_run
+    cache = tmp_path / "compiled"
+    # The suite's own cache (JAX_COMPILATION_CACHE_DIR, which wins where set) is left out.
+    env = {k: v for k, v in ENV.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    run("sample.py", f"checkpoint={run_dir}", "sampler.max_new_tokens=8",
+        f"compilation_cache_dir={cache}", f"output={tmp_path}", env=env)
+    assert cache.is_dir() and any(cache.iterdir())
 
 
 def test_sample_cli_continues_a_prompt(smoke_run):

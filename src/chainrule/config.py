@@ -255,6 +255,8 @@ class TrainConfig:
     resume: bool = True  # continue from the run directory's latest checkpoint, if any
     init_from: str | None = None  # start from another run's weights (e.g. to prefix-tune it)
     experiment: str | None = None  # set by experiment presets, recorded with the run
+    # Compiled programs kept across runs (a resume or a re-run loads them); null: off.
+    compilation_cache_dir: str | None = "~/.cache/chainrule/jax"
 
 
 @dataclasses.dataclass
@@ -277,6 +279,7 @@ class SampleConfig:
     step: int | None = None  # None = the best checkpoint if there is one, else the latest
     seed: int = 0
     output: str | None = None  # default: <run dir>/samples/
+    compilation_cache_dir: str | None = "~/.cache/chainrule/jax"  # as in train.py; null: off
 
     def __post_init__(self) -> None:
         inputs = [k for k in ("prompt", "prompt_file", "prompt_audio", "image")

@@ -97,6 +97,19 @@ def hydra_main(task: Callable[[Any], Any], config_name: str) -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
+def use_compilation_cache(path: str | None) -> None:
+    """Keep compiled XLA programs on disk across processes, so a re-run (a resumed training,
+    the next sample.py) loads them instead of compiling them. Call before any JAX work.
+    JAX_COMPILATION_CACHE_DIR in the environment, where set, wins; `path=None` turns it off."""
+    if path is None or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(Path(path).expanduser()))
+    # Also the many small programs that build a model eagerly (each well under a second).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
 def note_new_run_dir(run_dir: Path) -> None:
     """Remember, before Hydra creates it, that `run_dir` does not exist yet."""
     run_dir = Path(os.path.abspath(run_dir))  # as Hydra's runtime.output_dir spells it

@@ -19,7 +19,12 @@ import jax
 import numpy as np
 from omegaconf import DictConfig
 
-from chainrule.cli.common import fail_cleanly, hydra_main, quiet_libraries
+from chainrule.cli.common import (
+    fail_cleanly,
+    hydra_main,
+    quiet_libraries,
+    use_compilation_cache,
+)
 from chainrule.config import SampleConfig, register_configs, to_object
 from chainrule.training.restore import load_run
 
@@ -95,6 +100,7 @@ def free_stem(samples_dir: Path, step: int) -> str:
 def run(cfg: DictConfig) -> None:
     quiet_libraries()
     sc: SampleConfig = to_object(cfg)
+    use_compilation_cache(sc.compilation_cache_dir)
     from chainrule.sampling.draw import draw
     from chainrule.tracking import LoggerConfig, Tracker
 

@@ -29,6 +29,7 @@ from chainrule.cli.common import (
     hydra_main,
     note_new_run_dir,
     quiet_libraries,
+    use_compilation_cache,
 )
 from chainrule.config import TrainConfig, register_configs, resolve
 from chainrule.sweeps.job import METRICS_FILE, JobFailed, SweepJob, clear_failure, record_failure
@@ -44,6 +45,7 @@ def preflight(cfg: DictConfig, run_dir: Path) -> TrainConfig:
     from chainrule import parallel
     from chainrule.training.restore import check_resumable
 
+    use_compilation_cache(train_cfg.compilation_cache_dir)
     parallel.start_runtime(parallel.fit_to_cores(
         train_cfg.hardware, train_cfg.data.batch_size // train_cfg.trainer.grad_accum_steps))
     check_resumable(train_cfg, run_dir)
