@@ -174,3 +174,14 @@ def test_generation_does_not_recompile_per_length_or_knob():
     model.generate(2, 30, temperature=0.0)
     model.generate(2, 30, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2)
     assert _decode_cached._cache_size() == compiled
+
+
+def test_windowed_generation_compiles_once_for_every_prompt_length():
+    from chainrule.models.transformer import _decode_windowed
+
+    model = tiny()
+    model.generate(1, 20, temperature=0.0, prompt=[1], use_cache=False)
+    compiled = _decode_windowed._cache_size()
+    for prompt in ([1, 2], list(range(1, 11))):  # no prefill: nothing to bucket
+        model.generate(1, 20, temperature=0.0, prompt=prompt, use_cache=False)
+    assert _decode_windowed._cache_size() == compiled

@@ -428,8 +428,9 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         # filters); their values are traced, so changing them does not recompile.
         filters = bool((top_k or 0) > 0) or bool(top_p is not None and top_p < 1.0)
         # A 1-token prompt needs no prefill pass: the loop's first step reads it (and a program
-        # without the prefill's copy of the model compiles ~30% faster: the first sample).
-        prefill = 0 if width == 1 else min(_bucket(width, 8), size)
+        # without the prefill's copy of the model compiles ~30% faster: the first sample). The
+        # windowed decoder has no prefill: 0 keeps one compiled program for every prompt.
+        prefill = 0 if width == 1 or not use_cache else min(_bucket(width, 8), size)
         out = decode(self, buffer, offsets.astype(np.int32), np.int32(width), np.int32(total),
                      _draw_key(rngs), knobs, prefill, filters)
         out = np.asarray(out[:, :total])
