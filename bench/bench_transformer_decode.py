@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save, timed  # noqa: E402
+from common import machine, matvec_chain_seconds, save, timed  # noqa: E402
 
 from chainrule.models import TransformerConfig, TransformerNetworkConfig, build_model  # noqa: E402
 
@@ -37,21 +36,10 @@ def baby(context=1024, layers=4):
     return build_model(cfg, rngs=nnx.Rngs(0))
 
 
-def weights_floor(model, tokens: int = 2000) -> float:
+def weights_floor(model) -> float:
     """Seconds per token to read every block matrix once as a matrix-vector product."""
-    kernels = [layer.kernel[...] for block in model.blocks
-               for layer in (block.attn.qkv, block.attn.proj, block.fc, block.out)]
-
-    def body(_, x):
-        for w in kernels:  # [d, 3d], [d, d], [d, 4d], [4d, d]: each product feeds the next
-            y = jnp.tanh(x[:, :w.shape[0]] @ w)
-            x = jnp.pad(y, ((0, 0), (0, max(0, x.shape[1] - y.shape[1]))))[:, :x.shape[1]]
-        return x
-
-    width = max(w.shape[0] for w in kernels)
-    loop = jax.jit(lambda x: jax.lax.fori_loop(0, tokens, body, x))
-    median, _ = timed(lambda: loop(jnp.ones((1, width), jnp.float32)), repeats=5)
-    return median / tokens
+    return matvec_chain_seconds([layer.kernel[...] for block in model.blocks for layer in
+                                 (block.attn.qkv, block.attn.proj, block.fc, block.out)])
 
 
 def main(quick: bool) -> dict:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -31,6 +32,23 @@ def timed(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> tup
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t)
     return statistics.median(times), times
+
+
+def matvec_chain_seconds(mats: list, steps: int = 2000) -> float:
+    """Seconds per step to pass one vector through every matrix of `mats` in turn (each
+    product reads the rows it needs; float32 arithmetic, tanh between), compiled as one loop:
+    the least a batch-1 decode step that reads these weights can take. Median of 5 runs."""
+    width = max(w.shape[0] for w in mats)
+
+    def body(_, x):
+        for w in mats:
+            y = jnp.tanh(x[:, :w.shape[0]] @ w.astype(jnp.float32))
+            x = jnp.pad(y, ((0, 0), (0, width - y.shape[1])))
+        return x
+
+    loop = jax.jit(lambda x: jax.lax.fori_loop(0, steps, body, x))
+    median, _ = timed(lambda: loop(jnp.ones((1, width), jnp.float32)), repeats=5)
+    return median / steps
 
 
 def save(name: str, results: dict) -> Path:

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save  # noqa: E402
+from common import machine, matvec_chain_seconds, save  # noqa: E402
 
 D, HEADS, LAYERS, VOCAB, TOKENS = 128, 4, 4, 65, 128
 HD = D // HEADS
@@ -109,26 +109,11 @@ def decoder(skip: str | None, slots: int):
     return run
 
 
-def products(layers: int, dtype, steps: int = 2000) -> float:
+def products(layers: int, dtype) -> float:
     """Microseconds per token for `layers` blocks' matrix-vector products alone."""
     blocks = weights(jax.random.key(0))["layers"][:layers]
-    mats = [p[name].astype(dtype) for p in blocks for name in ("qkv", "proj", "fc", "out")]
-
-    def body(_, x):  # x [1, 4D]; each product reads the first rows it needs
-        for w in mats:
-            y = jnp.tanh(x[:, :w.shape[0]] @ w.astype(jnp.float32))
-            x = jnp.pad(y, ((0, 0), (0, 4 * D - y.shape[1])))
-        return x
-
-    loop = jax.jit(lambda x: jax.lax.fori_loop(0, steps, body, x))
-    x = jnp.ones((1, 4 * D))
-    loop(x).block_until_ready()
-    ts = []
-    for _ in range(7):
-        t = time.perf_counter()
-        loop(x).block_until_ready()
-        ts.append((time.perf_counter() - t) / steps * 1e6)
-    return statistics.median(ts)
+    return 1e6 * matvec_chain_seconds([p[name].astype(dtype) for p in blocks
+                                       for name in ("qkv", "proj", "fc", "out")])
 
 
 def main() -> dict:
