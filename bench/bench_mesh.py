@@ -4,7 +4,7 @@
 
 On a CPU the 8 devices are simulated (`jax_num_cpu_devices=8`) and share the same cores, so
 no speed-up is expected: the figures measure what partitioning costs (collectives, smaller
-per-device matmuls). Every layout runs the loop's own compiled train step (`prepare`) on the
+per-device matmuls). Every layout runs the loop's own compiled train step (`assemble`) on the
 same model and batches; a figure is the median of `--repeats` timings of 20 steps.
 Transformer: nanoGPT's CPU "baby" shape (4 layers, 4 heads, 128 wide, block 64) at batch 16
 (divisible by 8). The loss after the timed steps is printed too: it must agree across layouts.
@@ -26,13 +26,6 @@ from flax import nnx  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save, timed  # noqa: E402
 
-from chainrule.config import (  # noqa: E402
-    HardwareConfig,
-    MeshConfig,
-    OptimizerConfig,
-    TrainConfig,
-    TrainerConfig,
-)
 from chainrule.data.audio import AudioDataConfig  # noqa: E402
 from chainrule.data.images import ImageDataConfig  # noqa: E402
 from chainrule.data.text import TextDataConfig  # noqa: E402
@@ -42,9 +35,11 @@ from chainrule.models import (  # noqa: E402
     TransformerNetworkConfig,
     WaveNetConfig,
 )
-from chainrule.parallel import build_mesh  # noqa: E402
+from chainrule.parallel import HardwareConfig, MeshConfig, build_mesh  # noqa: E402
 from chainrule.tracking import LoggerConfig  # noqa: E402
-from chainrule.training.loop import prepare  # noqa: E402
+from chainrule.training.config import TrainConfig, TrainerConfig  # noqa: E402
+from chainrule.training.optim import OptimizerConfig  # noqa: E402
+from chainrule.training.run import assemble  # noqa: E402
 
 STEPS = 20
 LAYOUTS = {
@@ -78,7 +73,7 @@ def measure(family: str, mesh_config: MeshConfig, repeats: int) -> dict:
                       trainer=TrainerConfig(steps=10_000, progress=False))
     mesh = build_mesh(cfg.hardware)
     with jax.set_mesh(mesh):
-        setup = prepare(cfg, None, mesh)
+        setup = assemble(cfg, None, mesh)
         batches = [setup.batch(next(setup.data.train)) for _ in range(STEPS)]
         box = {"state": setup.state, "totals": setup.zero_totals(batches[0])}
 

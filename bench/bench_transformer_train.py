@@ -28,9 +28,11 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, save, timed  # noqa: E402
 
-from chainrule.config import OptimizerConfig  # noqa: E402
 from chainrule.models import TransformerConfig, TransformerNetworkConfig, build_model  # noqa: E402
-from chainrule.training.optim import build_optimizer  # noqa: E402
+from chainrule.training.optim import (
+    OptimizerConfig,  # noqa: E402
+    build_optimizer,  # noqa: E402
+)
 from chainrule.training.steps import Steps  # noqa: E402
 
 BATCH, BLOCK, VOCAB, STEPS_PER_TIMING = 12, 64, 65, 20

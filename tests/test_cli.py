@@ -41,7 +41,7 @@ def test_train_smoke_writes_a_complete_run(smoke_run):
     assert "val_perplexity" in results and "val_bits_per_char" in results
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("train/loss" in x for x in lines) and any("val/loss" in x for x in lines)
-    assert (run_dir / "tokenizer.json").exists()
+    assert json.loads((run_dir / "run.json").read_text())["codec"]["kind"] == "text"
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert "results: val_loss=" in proc.stdout
@@ -204,7 +204,7 @@ def compose_sample(*overrides: str):
     from hydra import compose, initialize_config_dir
 
     from chainrule.cli import CONF_DIR
-    from chainrule.config import register_configs
+    from chainrule.cli.schemas import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -7,7 +7,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from chainrule.cli import CONF_DIR
-from chainrule.config import register_configs, resolve
+from chainrule.cli.schemas import register_configs
+from chainrule.config import resolve
 
 register_configs()
 CONF = Path(CONF_DIR)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from chainrule.data import base
+from chainrule.data.base import build_data
 from chainrule.data.images import (
     ImageDataConfig,
     _cifar_batch,
@@ -153,7 +154,7 @@ def test_processes_share_out_batches():
         mine = np.concatenate([b["images"] for b in batches])
         np.testing.assert_array_equal(mine, stream[i::2])
     with pytest.raises(ValueError, match="divisible"):
-        build_image_data(ImageDataConfig(batch_size=7), process_index=0, process_count=2)
+        build_data(ImageDataConfig(batch_size=7), process_index=0, process_count=2)
 
 
 def test_digits_requantised():

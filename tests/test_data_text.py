@@ -8,12 +8,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from chainrule.data import DataBundle, TextDataConfig, build_data
+from chainrule.data.base import load_codec
 from chainrule.data.text import (
+    TextCodec,
     _play_markdown_to_text,
     read_text_path,
     shakespeare_text,
 )
-from chainrule.data.tokenizers import fit_tokenizer, load_tokenizer
+from chainrule.data.tokenizers import fit_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -271,20 +273,17 @@ def test_missing_and_empty_paths(tmp_path):
         build_data(_config(tmp_path / "empty.txt"))
 
 
-def test_tokenizer_saved_and_reused_from_run_dir(corpus_file, tmp_path):
-    run_dir = tmp_path / "run"
-    bundle = build_data(_config(corpus_file), run_dir=run_dir)
-    saved = load_tokenizer(run_dir / "tokenizer.json")
-    assert saved.vocab_size == bundle.model_overrides["vocab_size"]
-    # A run dir with a (different) saved tokenizer: it is loaded, not refitted.
-    other = tmp_path / "other"
-    bigger = fit_tokenizer("char", corpus_file.read_text() + "XYZ")
-    bigger.save(other / "tokenizer.json")
-    reused = build_data(_config(corpus_file), run_dir=other)
+def test_a_resumed_run_keeps_its_saved_tokenizer(corpus_file):
+    bundle = build_data(_config(corpus_file))
+    saved = load_codec(bundle.codec.to_json())  # as run.json keeps it
+    assert saved.model_fields() == bundle.model_overrides
+    # A run with a (different) saved tokenizer: it is used, not refitted.
+    bigger = TextCodec(fit_tokenizer("char", corpus_file.read_text() + "XYZ"))
+    reused = build_data(_config(corpus_file), codec=load_codec(bigger.to_json()))
     assert reused.model_overrides["vocab_size"] == bundle.model_overrides["vocab_size"] + 3
     assert reused.decode(reused.encode("XYZ")) == "XYZ"
     with pytest.raises(ValueError, match="holds a 'char' tokenizer but data.tokenizer='byte'"):
-        build_data(_config(corpus_file, tokenizer="byte"), run_dir=other)
+        build_data(_config(corpus_file, tokenizer="byte"), codec=bigger)
 
 
 @pytest.mark.parametrize("kind", ["byte", "bpe"])

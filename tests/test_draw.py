@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from chainrule.config import SamplerConfig
 from chainrule.models.pixelcnn import PixelCNN, PixelCNNConfig
 from chainrule.models.wavenet import WaveNet, WaveNetConfig
+from chainrule.sampling.config import SamplerConfig
 from chainrule.sampling.draw import draw
 
 SAMPLER = SamplerConfig(name="temperature", temperature=1.0, top_p=None, num_samples=3)

@@ -20,15 +20,8 @@ from hydra import compose, initialize_config_dir
 
 from chainrule.checkpoint import Checkpointer
 from chainrule.cli import CONF_DIR
-from chainrule.config import (
-    HardwareConfig,
-    MeshConfig,
-    OptimizerConfig,
-    TrainConfig,
-    TrainerConfig,
-    register_configs,
-    resolve,
-)
+from chainrule.cli.schemas import register_configs
+from chainrule.config import resolve
 from chainrule.data.audio import AudioDataConfig
 from chainrule.data.images import ImageDataConfig
 from chainrule.data.text import TextDataConfig
@@ -39,11 +32,15 @@ from chainrule.models import (
     WaveNetConfig,
     build_model,
 )
-from chainrule.parallel import build_mesh, normalise_rules
+from chainrule.parallel import HardwareConfig, MeshConfig, build_mesh, normalise_rules
+from chainrule.parallel.devices import peak_tflops
 from chainrule.parallel.sharding import spec_for
 from chainrule.tracking import LoggerConfig
-from chainrule.training.loop import prepare, train
-from chainrule.training.throughput import Throughput, peak_tflops
+from chainrule.training.config import TrainConfig, TrainerConfig
+from chainrule.training.optim import OptimizerConfig
+from chainrule.training.run import assemble
+from chainrule.training.throughput import Throughput
+from chainrule.training.train import train
 
 register_configs()
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +85,7 @@ def train_steps(cfg: TrainConfig, steps: int = 3) -> list[float]:
     """The loss of each of the first `steps` steps, through the loop's own compiled steps."""
     mesh = build_mesh(cfg.hardware)
     with jax.set_mesh(mesh):
-        setup = prepare(cfg, None, mesh)
+        setup = assemble(cfg, None, mesh)
         state, losses = setup.state, []
         for step in range(1, steps + 1):
             batch = setup.batch(next(setup.data.train))
@@ -291,7 +288,7 @@ def test_two_processes_on_loopback_train_like_one(tmp_path):
 
 
 def test_distributed_start_up_follows_the_environment(monkeypatch):
-    from chainrule.config import DistributedConfig
+    from chainrule.parallel import DistributedConfig
     from chainrule.parallel.mesh import _distributed_wanted
 
     auto = DistributedConfig(enabled="auto")

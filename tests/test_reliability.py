@@ -31,12 +31,15 @@ from test_train import tiny_config
 
 from chainrule.checkpoint import Checkpointer, CheckpointSaveError
 from chainrule.cli.common import fail_cleanly
-from chainrule.config import OptimizerConfig, TrainConfig, TrainerConfig
 from chainrule.data.images import ImageDataConfig
 from chainrule.models import PixelCNNConfig
+from chainrule.rundir import RunDir
 from chainrule.tracking import LoggerConfig
-from chainrule.training.loop import TrainingError, run_lock, train
+from chainrule.training.config import TrainConfig, TrainerConfig
+from chainrule.training.loop import TrainingError
+from chainrule.training.optim import OptimizerConfig
 from chainrule.training.steps import Steps
+from chainrule.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -208,7 +211,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_redone_exactly_and_nothing_unpic
 
     from chainrule.cli import CONF_DIR
     from chainrule.cli.sample import run as sample
-    from chainrule.config import register_configs
+    from chainrule.cli.schemas import register_configs
 
     register_configs()
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
@@ -292,7 +295,7 @@ def test_a_second_process_cannot_train_in_a_locked_run_directory(tmp_path):
 
 
 def test_lock_is_released_after_a_run(tmp_path):
-    with run_lock(tmp_path):
+    with RunDir(tmp_path).lock():
         pass
-    with run_lock(tmp_path):  # would raise if the first were still held
+    with RunDir(tmp_path).lock():  # would raise if the first were still held
         pass

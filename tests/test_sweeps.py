@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from chainrule.cli import CONF_DIR
-from chainrule.config import register_configs, resolve
+from chainrule.cli.schemas import register_configs
+from chainrule.config import resolve
 from chainrule.sweeps.job import SweepJob
 from chainrule.sweeps.report import build_report, fit_scaling
 from chainrule.sweeps.results import latest_sweep, load_sweep

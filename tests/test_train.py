@@ -1,6 +1,7 @@
 """The training loop end to end, in process: loss goes down, resume is exact, overrides."""
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -8,11 +9,12 @@ import numpy as np
 import pytest
 
 from chainrule.checkpoint import Checkpointer
-from chainrule.config import OptimizerConfig, TrainConfig, TrainerConfig
 from chainrule.data.text import TextDataConfig
-from chainrule.models import TransformerConfig, TransformerNetworkConfig
+from chainrule.models import TransformerConfig, TransformerNetworkConfig, complete_config
 from chainrule.tracking import LoggerConfig
-from chainrule.training.loop import apply_data_overrides, train
+from chainrule.training.config import TrainConfig, TrainerConfig
+from chainrule.training.optim import OptimizerConfig
+from chainrule.training.train import train
 
 
 def tiny_config(steps=8, **trainer) -> TrainConfig:
@@ -54,17 +56,19 @@ def test_results_and_files(tmp_path):
         assert key in results, key
     assert math.isclose(results["val_perplexity"], math.exp(results["val_nll_loss"]),
                         rel_tol=1e-5)
-    assert (tmp_path / "metrics.json").exists() and (tmp_path / "tokenizer.json").exists()
+    assert (tmp_path / "metrics.json").exists()
+    saved = json.loads((tmp_path / "run.json").read_text())  # the run's tokenizer is kept
+    assert saved["codec"]["tokenizer"]["kind"] == "char"
     assert list((tmp_path / "samples").glob("*.txt"))
 
 
 def test_data_decides_vocab_and_contradictions_fail():
     model = TransformerConfig(vocab_size=None)
-    assert apply_data_overrides(model, {"vocab_size": 65}).vocab_size == 65
-    assert apply_data_overrides(dataclasses.replace(model, vocab_size=100),
+    assert complete_config(model, {"vocab_size": 65}).vocab_size == 65
+    assert complete_config(dataclasses.replace(model, vocab_size=100),
                                 {"vocab_size": 65}).vocab_size == 100
     with pytest.raises(ValueError, match="smaller than the data's vocabulary"):
-        apply_data_overrides(dataclasses.replace(model, vocab_size=10), {"vocab_size": 65})
+        complete_config(dataclasses.replace(model, vocab_size=10), {"vocab_size": 65})
 
 
 @pytest.mark.slow

@@ -23,6 +23,9 @@ from urllib.parse import urlparse
 import numpy as np
 from PIL import Image
 
+from chainrule.config import register
+from chainrule.rundir import RunDir
+
 BACKENDS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 SAMPLE_KINDS = ("text", "image", "audio")
@@ -55,6 +58,9 @@ class LoggerConfig:
             raise ValueError(f"logger.tags must be a list of strings, got the string "
                              f"{self.tags!r}")
         self.tags = tuple(str(t) for t in self.tags)  # Hydra hands lists over
+
+
+register("logger", "logger", LoggerConfig)
 
 
 # ---- W&B mode resolution ------------------------------------------------------------------
@@ -190,7 +196,7 @@ class Tracker:
                  run_id: str | None = None, is_main_process: bool = True,
                  resume: bool = False):
         self.run_dir = Path(run_dir)
-        self.samples_dir = self.run_dir / "samples"
+        self.samples_dir = RunDir(self.run_dir).samples
         self.logger = logger
         self.is_main_process = is_main_process
         self.run_id: str | None = run_id
@@ -202,7 +208,7 @@ class Tracker:
             return
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = open(RunDir(self.run_dir).curves, "a", encoding="utf-8")  # noqa: SIM115
         if logger.backend == "wandb":
             if resume and run_id is None:
                 print("[tracking] resuming without a saved W&B run id: starting a new W&B run")
@@ -238,7 +244,7 @@ class Tracker:
 
     def summary(self, results: Mapping[str, Any]) -> Path:
         """Write results to run_dir/metrics.json and into the W&B run summary."""
-        path = self.run_dir / "metrics.json"
+        path = RunDir(self.run_dir).metrics
         if not self.is_main_process:
             return path
         self._check_open()

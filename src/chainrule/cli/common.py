@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf.errors import OmegaConfBaseException
 
+from chainrule.rundir import RunDir
+
 # Bad input: the command cannot run as given (exit 2, like a usage error).
 BAD_INPUT = (ValueError, FileNotFoundError, OmegaConfBaseException)
 # Run directories this process is about to create, each with the top-most directory it creates
@@ -134,16 +136,14 @@ def discard_new_run_dir_on_bad_input(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except BAD_INPUT:
-        if top is not None and not (run_dir / "checkpoints").exists():
+        if top is not None and not RunDir(run_dir).has_checkpoints():
             _remove_new_dirs(run_dir, top)
         raise
 
 
 def _remove_new_dirs(run_dir: Path, top: Path) -> None:
-    from chainrule.training.loop import run_lock
-
     try:
-        with run_lock(run_dir):  # no other process is training here
+        with RunDir(run_dir).lock():  # no other process is training here
             shutil.rmtree(run_dir)
     except (ValueError, OSError):
         return

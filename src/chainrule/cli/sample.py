@@ -1,7 +1,8 @@
 """`python sample.py checkpoint=<run dir> [sampler=top_p] [prompt="ROMEO:"]`: draw from a run.
 
-The run's own saved config rebuilds the model and its data pipeline (the tokenizer saved
-with the run, never refitted); parameters come from the best checkpoint (or `step=`).
+The run directory alone rebuilds the model and its codec (`chainrule.load_run`: the completed
+model config and the tokenizer saved with the run; no data is read); parameters come from the
+best checkpoint (or `step=`).
 Samples go to stdout and to <run dir>/samples/ (sample_step_<step>_<n>.txt / .png /
 _<i>.wav, never over the training previews): text, a PNG grid or WAV files, as the run's
 data decides. The inputs a run takes follow its kind of samples: text prompts, a WAV prefix
@@ -25,7 +26,10 @@ from chainrule.cli.common import (
     quiet_libraries,
     use_compilation_cache,
 )
-from chainrule.config import SampleConfig, register_configs, to_object
+from chainrule.cli.schemas import register_configs
+from chainrule.config import to_object
+from chainrule.rundir import RunDir
+from chainrule.sampling.config import SampleConfig
 from chainrule.training.restore import load_run
 
 # The keys that give each kind of run what its samples continue or fill in.
@@ -63,10 +67,10 @@ def check_input_files(sc: SampleConfig) -> None:
         mask_file(sc.mask)
 
 
-def conditioning(sc: SampleConfig, texts: list[str] | None, model, data) -> dict[str, Any]:
+def conditioning(sc: SampleConfig, texts: list[str] | None, model, codec) -> dict[str, Any]:
     """draw()'s prompts / inpaint from the inputs given, each for the kind of samples the
-    run's data makes (text, audio or image)."""
-    kind = data.sample_kind
+    run's codec makes (text, audio or image)."""
+    kind = codec.kind
     given = {"text": texts is not None, "audio": sc.prompt_audio is not None,
              "image": sc.image is not None}
     for wanted, present in given.items():
@@ -76,16 +80,14 @@ def conditioning(sc: SampleConfig, texts: list[str] | None, model, data) -> dict
                              f"{INPUT_KEYS[kind]})")
     if not any(given.values()):
         return {}
-    if data.encode is None:
-        raise ValueError(f"this run's data cannot encode {INPUT_KEYS[kind]}")
     if texts is not None:
-        return {"prompts": [np.asarray(data.encode(t), np.int32) for t in texts]}
+        return {"prompts": [np.asarray(codec.encode(t), np.int32) for t in texts]}
     if sc.prompt_audio is not None:
-        return {"prompts": [np.asarray(data.encode(str(Path(sc.prompt_audio).expanduser())))]}
+        return {"prompts": [np.asarray(codec.encode(str(Path(sc.prompt_audio).expanduser())))]}
     from chainrule.data.images import inpainting_mask
 
-    height, width, _ = data.info["image_shape"]
-    image = data.encode(str(Path(sc.image).expanduser()))
+    height, width, _ = codec.shape
+    image = codec.encode(str(Path(sc.image).expanduser()))
     return {"inpaint": (image, inpainting_mask(sc.mask, height, width))}
 
 
@@ -104,26 +106,21 @@ def run(cfg: DictConfig) -> None:
     from chainrule.sampling.draw import draw
     from chainrule.tracking import LoggerConfig, Tracker
 
-    run_dir = Path(sc.checkpoint).expanduser()
-    if run_dir.name == "checkpoints":
-        run_dir = run_dir.parent
-    if not run_dir.is_dir():
-        raise ValueError(f"checkpoint={sc.checkpoint!r} is not a directory: expected a run "
-                         f"directory written by train.py")
+    run_dir = RunDir.existing(sc.checkpoint)
     texts = read_prompts(sc)
     check_input_files(sc)
-    model, data, step, _ = load_run(run_dir, sc.step)
-    inputs = conditioning(sc, texts, model, data)
+    model, codec, step, _ = load_run(run_dir.path, sc.step)
+    inputs = conditioning(sc, texts, model, codec)
     draft = None
     if sc.sampler.name == "speculative":
-        draft, _, _, _ = load_run(Path(sc.sampler.draft_checkpoint).expanduser())
+        draft = load_run(RunDir.existing(sc.sampler.draft_checkpoint,
+                                         "sampler.draft_checkpoint").path).model
     samples, notes = draw(model, sc.sampler, key=jax.random.key(sc.seed), draft=draft,
                           class_label=sc.class_label, **inputs)
-    decoded = [data.decode(s) if data.decode else s for s in samples]
-    out_dir = Path(sc.output) if sc.output else run_dir
+    decoded = [codec.decode(s) for s in samples]
+    out_dir = Path(sc.output) if sc.output else run_dir.path
     tracker = Tracker(out_dir, {}, LoggerConfig(backend="none"))
-    paths = tracker.log_samples(data.sample_kind, decoded, step, captions=notes,
-                                sample_rate=data.info.get("sample_rate"),
+    paths = tracker.log_samples(codec.kind, decoded, step, captions=notes, **codec.media,
                                 stem=free_stem(tracker.samples_dir, step))
     tracker.finish()
     print(f"{len(decoded)} samples from step {step}; written: "

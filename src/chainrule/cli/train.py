@@ -31,9 +31,12 @@ from chainrule.cli.common import (
     quiet_libraries,
     use_compilation_cache,
 )
-from chainrule.config import TrainConfig, register_configs, resolve
-from chainrule.sweeps.job import METRICS_FILE, JobFailed, SweepJob, clear_failure, record_failure
+from chainrule.cli.schemas import register_configs
+from chainrule.config import resolve
+from chainrule.rundir import RunDir
+from chainrule.sweeps.job import JobFailed, SweepJob, clear_failure, record_failure
 from chainrule.tracking import write_json
+from chainrule.training.config import TrainConfig
 
 
 @fail_cleanly
@@ -42,13 +45,10 @@ def preflight(cfg: DictConfig, run_dir: Path) -> TrainConfig:
     hardware= asks), the run directory's checkpoints (family, resume). Writes nothing."""
     quiet_libraries()
     train_cfg = resolve(cfg)
-    from chainrule import parallel
-    from chainrule.training.restore import check_resumable
+    from chainrule.training.run import check_run
 
     use_compilation_cache(train_cfg.compilation_cache_dir)
-    parallel.start_runtime(parallel.fit_to_cores(
-        train_cfg.hardware, train_cfg.data.batch_size // train_cfg.trainer.grad_accum_steps))
-    check_resumable(train_cfg, run_dir)
+    check_run(train_cfg, run_dir)  # the same checks the run makes when it opens
     return train_cfg
 
 
@@ -77,25 +77,26 @@ def train_run(cfg: DictConfig, job: SweepJob | None) -> float:
         if cfg.logger.get("name") is None:
             cfg.logger.name = job.wandb_name
     train_cfg = resolve(cfg)  # every dataclass check runs here, before any compute
-    from chainrule.training.loop import train
-    from chainrule.training.restore import run_config
+    from chainrule.training.restore import train_config_record
+    from chainrule.training.train import train
 
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    run_dir = RunDir(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
-    config_dict = run_config(train_cfg)
-    config_dict["overrides"] = overrides
+    record = train_config_record(train_cfg)
+    record["overrides"] = overrides
     if job is not None:
-        config_dict["sweep"] = job.as_dict()
-    with discard_new_run_dir_on_bad_input(run_dir):
-        results = train(train_cfg, run_dir, config_dict=config_dict)
+        record["sweep"] = job.as_dict()
+    with discard_new_run_dir_on_bad_input(run_dir.path):
+        results = train(train_cfg, run_dir.path, config_record=record)
     # The overrides make metrics.json self-describing: a sweep report needs nothing else.
     results = {**results, "overrides": overrides,
                **({"sweep": job.as_dict()} if job is not None else {})}
-    write_json(run_dir / METRICS_FILE, results)
-    print(f"run directory: {run_dir}")
-    shown = ("val_loss", "val_perplexity", "val_bits_per_char", "val_bits_per_dim",
-             "val_accuracy", "tokens_per_s", "wall_time_s")
-    print("results: " + ", ".join(f"{k}={results[k]:.4g}" for k in shown if k in results))
+    write_json(run_dir.metrics, results)
+    print(f"run directory: {run_dir.path}")
+    shown = sorted((k for k in results if k.startswith("val_") and k != "val_nll_loss"),
+                   key=lambda k: k != "val_loss") + ["tokens_per_s", "wall_time_s"]
+    print("results: " + ", ".join(f"{k}={results[k]:.4g}" for k in shown
+                                  if isinstance(results.get(k), int | float)))
     return float(results["val_loss"])
 
 

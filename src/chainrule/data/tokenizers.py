@@ -219,6 +219,18 @@ def fit_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokeni
     return BPETokenizer.fit(text, DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size)
 
 
+def tokenizer_from_json(obj: Any) -> Tokenizer:
+    """A tokenizer from what its `to_json` wrote, whatever its kind."""
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    if kind == "char":
+        return CharTokenizer(obj["chars"])
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        return BPETokenizer.from_json(obj)
+    raise ValueError(f"has kind {kind!r}; expected one of {KINDS}")
+
+
 def load_tokenizer(path: Path | str) -> Tokenizer:
     """Read back a tokenizer written by `Tokenizer.save`, whatever its kind."""
     path = Path(path)
@@ -229,11 +241,7 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"tokenizer file {path} is not valid JSON: {e}") from None
-    kind = obj.get("kind") if isinstance(obj, dict) else None
-    if kind == "char":
-        return CharTokenizer(obj["chars"])
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "bpe":
-        return BPETokenizer.from_json(obj)
-    raise ValueError(f"tokenizer file {path} has kind {kind!r}; expected one of {KINDS}")
+    try:
+        return tokenizer_from_json(obj)
+    except ValueError as e:
+        raise ValueError(f"tokenizer file {path} {e}") from None

@@ -1,14 +1,16 @@
 """Model families and their configs, under the names of the user guide.
 
-`build_model(config, rngs=...)` picks the family from the config's type, so generic code
-(train.py, sample.py, sweeps) never names a family.
+Each family registers its config schema with the model class it builds (the `model` config
+group), so `build_model(config, rngs=...)` picks the family from the config's type and generic
+code (train.py, sample.py, sweeps) never names a family.
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-from chainrule.models.base import AutoregressiveModel
+from chainrule.config import build, register, schema_of
+from chainrule.models.base import AutoregressiveModel, ModelConfig, complete_config
 from chainrule.models.pixelcnn import ConditionalPixelCNN, PixelCNN, PixelCNNConfig
 from chainrule.models.transformer import (
     PrefixTunedTransformer,
@@ -24,26 +26,25 @@ MODEL_FAMILIES: dict[type, type[AutoregressiveModel]] = {
     PixelCNNConfig: PixelCNN,
     WaveNetConfig: WaveNet,
 }
+for _config_type, _model_type in MODEL_FAMILIES.items():
+    register("model", _config_type.__name__.removesuffix("Config").lower(), _config_type,
+             builds=_model_type)
 
 
-def family_name(config) -> str:
-    return type(config).__name__.removesuffix("Config").lower()
+def family_name(config: ModelConfig | type) -> str:
+    """The family a model config belongs to: "transformer", "pixelcnn" or "wavenet"."""
+    return schema_of(config, "model").name
 
 
-def build_model(config, *, rngs: nnx.Rngs) -> AutoregressiveModel:
-    try:
-        cls = MODEL_FAMILIES[type(config)]
-    except KeyError:
-        known = ", ".join(t.__name__ for t in MODEL_FAMILIES)
-        raise ValueError(f"no model family for config type {type(config).__name__}; "
-                         f"known: {known}") from None
-    return cls(config, rngs=rngs)
+def build_model(config: ModelConfig, *, rngs: nnx.Rngs) -> AutoregressiveModel:
+    return build(config, group="model", rngs=rngs)
 
 
 __all__ = [
     "AutoregressiveModel",
     "ConditionalPixelCNN",
     "MODEL_FAMILIES",
+    "ModelConfig",
     "PixelCNN",
     "PixelCNNConfig",
     "PrefixTunedTransformer",
@@ -54,5 +55,6 @@ __all__ = [
     "WaveNet",
     "WaveNetConfig",
     "build_model",
+    "complete_config",
     "family_name",
 ]

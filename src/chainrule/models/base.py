@@ -12,6 +12,7 @@ The training loop, the evaluation code, the sampler CLI and the sweeps see only 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import jax
@@ -21,6 +22,33 @@ from flax import nnx
 Batch = dict[str, jax.Array]
 # Compute dtypes a model config's `dtype` may name; parameters are always float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Base of every model config schema. Fields left None that the data decides (the
+    vocabulary size, the image shape) are filled by `complete_config` before a model is built."""
+
+
+def complete_config(config: ModelConfig, data_fields: dict[str, Any]) -> ModelConfig:
+    """Fill the model fields the data decides (`Codec.model_fields`); refuse contradictions."""
+    changes = {}
+    for name, value in data_fields.items():
+        if not hasattr(config, name):
+            continue
+        current = getattr(config, name)
+        if isinstance(current, list | tuple):
+            current, value = tuple(current), tuple(value)
+        if current is None:
+            changes[name] = value
+        elif name == "vocab_size" and current < value:
+            raise ValueError(f"model.vocab_size={current} is smaller than the data's vocabulary "
+                             f"({value} tokens): token ids would be out of range; remove the "
+                             f"override or set model.vocab_size >= {value}")
+        elif name != "vocab_size" and current != value:
+            raise ValueError(f"model.{name}={current} does not match the data ({value}); remove "
+                             f"the override or set model.{name}={value}")
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 class PrefixParam(nnx.Param):

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chainrule.models.base import DTYPES, AutoregressiveModel
+from chainrule.models.base import DTYPES, AutoregressiveModel, ModelConfig
 from chainrule.sampling import sample_token
 
 
@@ -44,7 +44,7 @@ def _check(condition: bool, message: str) -> None:
 
 
 @dataclasses.dataclass
-class PixelCNNConfig:
+class PixelCNNConfig(ModelConfig):
     """A gated PixelCNN over integer images [H, W, C] with values in [0, num_levels)."""
 
     name: str = "pixelcnn"

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chainrule.models.base import DTYPES, AutoregressiveModel, PrefixParam, logical
+from chainrule.models.base import DTYPES, AutoregressiveModel, ModelConfig, PrefixParam, logical
 from chainrule.sampling import penalize_seen, sample_token
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope")
@@ -73,7 +73,7 @@ class TransformerNetworkConfig:
 
 
 @dataclasses.dataclass
-class TransformerConfig:
+class TransformerConfig(ModelConfig):
     """A Transformer language model. `vocab_size=None` means: taken from the data's tokenizer."""
 
     name: str = "transformer"

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chainrule.models.base import DTYPES, AutoregressiveModel, logical
+from chainrule.models.base import DTYPES, AutoregressiveModel, ModelConfig, logical
 from chainrule.sampling import sample_token
 
 _OLD_DEFAULTS = {"num_layers": 30, "num_stacks": 3}  # the older keyword API's defaults
@@ -54,7 +54,7 @@ def _positive_int(value, name: str) -> int:
 
 
 @dataclasses.dataclass
-class WaveNetConfig:
+class WaveNetConfig(ModelConfig):
     """A WaveNet. `num_layers` (total) / `num_stacks` are the older API's names: when given
     they set layers_per_block = num_layers // num_stacks and num_blocks = num_stacks, and are
     then cleared (so `dataclasses.replace` on the result stays consistent)."""

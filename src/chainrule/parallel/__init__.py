@@ -1,5 +1,6 @@
 """Where a run executes: start-up, the device mesh, and shardings from logical axis names."""
 
+from chainrule.parallel.config import DistributedConfig, HardwareConfig, MeshConfig
 from chainrule.parallel.devices import DeviceManager
 from chainrule.parallel.mesh import (
     build_mesh,
@@ -18,5 +19,5 @@ from chainrule.parallel.sharding import (
     state_shardings,
 )
 
-__all__ = ["DeviceManager", "batch_shards", "build_mesh", "check_platform", "create_sharded", "describe",
+__all__ = ["DeviceManager", "DistributedConfig", "HardwareConfig", "MeshConfig", "batch_shards", "build_mesh", "check_platform", "create_sharded", "describe",
            "fit_to_cores", "global_batch", "normalise_rules", "replicate", "replicated", "start_runtime", "state_shardings"]

@@ -12,9 +12,38 @@ from __future__ import annotations
 
 import jax
 
-from chainrule.training.throughput import peak_tflops
-
 PREFERENCE = ("tpu", "gpu", "cpu")
+
+# device_kind substring (lower case) -> peak dense bf16 TFLOP/s of one device. Longest match
+# wins, so "h100 pcie" is tried before "h100".
+PEAK_TFLOPS = {
+    "h200": 989.0,
+    "h100": 989.0,  # SXM
+    "h100 pcie": 756.0,
+    "h800": 989.0,
+    "gh200": 989.0,
+    "a100": 312.0,
+    "l4": 121.0,
+    "v100": 125.0,  # float16 (no bfloat16 tensor cores)
+    "tpu v4": 275.0,
+    "tpu v5 lite": 197.0,
+    "tpu v5e": 197.0,
+    "tpu v5p": 459.0,
+    "tpu v5": 459.0,
+    "tpu v6 lite": 918.0,
+    "tpu v6e": 918.0,
+}
+
+
+def peak_tflops(device_kind: str, override: float | None = None) -> float | None:
+    """Peak TFLOP/s of one device of this kind; None when unknown (CPUs)."""
+    if override is not None:
+        return override
+    kind = device_kind.lower()
+    matches = [k for k in PEAK_TFLOPS if k in kind]
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
+
+
 
 
 class DeviceManager:

@@ -17,7 +17,7 @@ import os
 import jax
 from jax.sharding import AxisType, Mesh
 
-from chainrule.config import MESH_AXES, DistributedConfig, HardwareConfig
+from chainrule.parallel.config import MESH_AXES, DistributedConfig, HardwareConfig
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from chainrule.rundir import RunDir
 from chainrule.tracking import write_json
 
-METRICS_FILE = "metrics.json"  # written by the training loop when a job completes
-CURVES_FILE = "metrics.jsonl"  # one line per logged step
-FAILED_FILE = "failed.json"  # written here when a job fails
+METRICS_FILE = RunDir.METRICS  # written by the training loop when a job completes
+CURVES_FILE = RunDir.CURVES  # one line per logged step
+FAILED_FILE = RunDir.FAILED  # written here when a job fails
 MAX_WANDB_NAME = 128  # W&B truncates group and run names longer than this
 
 

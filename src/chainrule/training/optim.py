@@ -1,12 +1,56 @@
-"""optax optimizers and learning-rate schedules from an `OptimizerConfig`."""
+"""The `optimizer` config group: `OptimizerConfig`, and the optax optimizer and learning-rate
+schedule built from it."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from chainrule.config import OptimizerConfig
+from chainrule.config import check, register
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "lion")
+SCHEDULES = ("constant", "cosine", "transformer", "linear")
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """optax optimizer, learning-rate schedule and gradient clipping.
+
+    Schedules: `constant`; `cosine` (linear warmup, cosine decay to `min_learning_rate` at
+    `decay_steps`, default the run's length); `linear` (warmup, linear decay); `transformer`
+    (Vaswani et al.: learning_rate * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)).
+    Weight decay applies to matrices only, never to norms or biases.
+    """
+
+    name: str = "adamw"
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    min_learning_rate: float = 1e-4
+    d_model: int = 512  # only for the `transformer` schedule
+    b1: float = 0.9
+    b2: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    momentum: float = 0.9  # sgd
+    grad_clip_norm: float | None = 1.0
+    trainable: str = "all"  # "all" | "prefix" (prefix tuning: everything else frozen)
+
+    def __post_init__(self) -> None:
+        check(self.trainable in ("all", "prefix"),
+               f"optimizer.trainable={self.trainable!r}; expected 'all' or 'prefix'")
+        check(self.name in OPTIMIZERS, f"optimizer.name={self.name!r}; expected one of {OPTIMIZERS}")
+        check(self.schedule in SCHEDULES,
+               f"optimizer.schedule={self.schedule!r}; expected one of {SCHEDULES}")
+        check(self.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
+        check(self.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(self.grad_clip_norm is None or self.grad_clip_norm > 0,
+               f"optimizer.grad_clip_norm must be > 0 or null, got {self.grad_clip_norm}")
+        check(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 def transformer_schedule(learning_rate: float, warmup_steps: int, d_model: int) -> optax.Schedule:
@@ -62,3 +106,6 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int):
     if cfg.grad_clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
     return opt, schedule
+
+
+register("optimizer", "optimizer", OptimizerConfig, builds=build_optimizer)

@@ -1,88 +1,124 @@
-"""Rebuild a trained run from its directory: config, data pipeline, model weights."""
+"""A trained run loaded from its directory without its data (`load_run`, also exported as
+`chainrule.load_run`), and the check a new process makes before it continues a run.
+
+    model, codec, step, config = chainrule.load_run("outputs/2026-12-03/12-00-00")
+    samples = model.generate(n_samples=4, rngs=nnx.Rngs(sample=0))
+    print(codec.decode(samples[0]))
+
+The model config (as the data completed it) and the codec come from the run's `run.json`, the
+weights from a checkpoint: no corpus is read, no tokenizer fitted. Runs written before
+`run.json` existed (format 1) are read from their checkpoints' metadata and `tokenizer.json`;
+only a format-1 image or audio run rebuilds its data once, to learn its shape.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
-from omegaconf import OmegaConf
 
 from chainrule.checkpoint import Checkpointer, read_meta
+from chainrule.config import from_dict, schema_type, to_dict
+from chainrule.data.base import Codec, build_data, load_codec
+from chainrule.data.text import TextCodec, TextDataConfig
+from chainrule.data.tokenizers import load_tokenizer
+from chainrule.models import AutoregressiveModel, build_model, complete_config, family_name
+from chainrule.models.base import TRAINABLE, ModelConfig
+from chainrule.rundir import RunDir
+from chainrule.training.optim import OptimizerConfig, build_optimizer
 
 
-def config_types() -> dict[str, type]:
-    from chainrule.config import _schemas
+class LoadedRun(NamedTuple):
+    """A trained run: its model with restored weights, its codec, the checkpoint step and the
+    training config it was started with (plain values; `config["_types"]` names the schemas)."""
 
-    return {cls.__name__: cls for group in _schemas().values() for cls in group.values()}
-
-
-def rebuild(type_name: str, values: dict):
-    """A dataclass config from its type name and saved values (checks run again)."""
-    cls = config_types()[type_name]
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), values))
+    model: AutoregressiveModel
+    codec: Codec
+    step: int
+    config: dict[str, Any]
 
 
-def run_config(cfg) -> dict:
-    """What a run saves of its TrainConfig with every checkpoint, for `load_run` to rebuild
-    the model and data from: the values, and the type names of the model and data schemas."""
-    record = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+def train_config_record(cfg: Any) -> dict[str, Any]:
+    """A TrainConfig as saved with a run: its values, and the type names of the model and
+    data schemas (so the run can be rebuilt without knowing its family)."""
+    record = to_dict(cfg)
     record["_types"] = {"model": type(cfg.model).__name__, "data": type(cfg.data).__name__}
     return record
 
 
-def check_resumable(cfg, run_dir: str | Path) -> None:
+def run_record(model_config: ModelConfig, codec: Codec, config: dict[str, Any]) -> dict:
+    """What run.json holds: the completed model config, the codec and the training config."""
+    return {"family": family_name(model_config),
+            "model": {"type": type(model_config).__name__, "config": to_dict(model_config)},
+            "codec": codec.to_json(), "config": config}
+
+
+def read_record(run_dir: RunDir) -> dict[str, Any]:
+    """run.json, or for a format-1 run the same record rebuilt from its checkpoints."""
+    record = run_dir.read_run()
+    if record is not None:
+        return record
+    meta = read_meta(run_dir.checkpoints) if run_dir.has_checkpoints() else None
+    if not meta or "_types" not in meta.get("config", {}):
+        raise ValueError(f"no chainrule run in {run_dir.path}: expected a training run "
+                         f"directory with {RunDir.RUN_FILE} or checkpoints/")
+    return _format1_record(run_dir, meta["config"])
+
+
+def _format1_record(run_dir: RunDir, saved: dict[str, Any]) -> dict[str, Any]:
+    types = saved["_types"]
+    data_config = from_dict(types["data"], saved["data"])
+    if isinstance(data_config, TextDataConfig) and run_dir.legacy_tokenizer.is_file():
+        codec: Codec = TextCodec(load_tokenizer(run_dir.legacy_tokenizer))
+    else:  # format 1 kept no codec: the data is read once to learn it
+        codec = build_data(data_config).codec
+    model_config = complete_config(from_dict(types["model"], saved["model"]),
+                                   codec.model_fields())
+    return run_record(model_config, codec, saved)
+
+
+def check_resumable(cfg: Any, run_dir: str | Path) -> None:
     """Refuse a run directory whose checkpoints `cfg` (a TrainConfig) cannot continue, before
     anything is built or written there: another model family's, or any with resume=false."""
-    from chainrule.models import family_name
-
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    meta = read_meta(ckpt_dir) if ckpt_dir.is_dir() else None
+    run_dir = RunDir(run_dir)
+    meta = read_meta(run_dir.checkpoints) if run_dir.has_checkpoints() else None
     if meta is None:
         return
     if not cfg.resume:
-        raise ValueError(f"{run_dir} already holds checkpoints and resume=false: expected a new "
-                         "run directory (hydra.run.dir=...), or resume=true to continue it")
+        raise ValueError(f"{run_dir.path} already holds checkpoints and resume=false: expected "
+                         "a new run directory (hydra.run.dir=...), or resume=true to continue it")
     theirs, ours = meta.get("model_family"), family_name(cfg.model)
     if theirs != ours:
-        raise ValueError(f"{run_dir} holds checkpoints of a {theirs} model, not {ours}: expected "
-                         f"a new run directory for model={ours} (hydra.run.dir=...)")
+        raise ValueError(f"{run_dir.path} holds checkpoints of a {theirs} model, not {ours}: "
+                         f"expected a new run directory for model={ours} (hydra.run.dir=...)")
 
 
-def load_run(run_dir: str | Path, step: int | None = None):
-    """(model, data bundle, restored step, saved config dict) of a trained run.
+def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
+    """The model of a trained run, its codec, the restored step and its training config.
 
-    The run's saved config rebuilds the model and its data pipeline (with the tokenizer saved
-    in the run); weights come from checkpoint `step`, else the best, else (none recorded, or
-    the best damaged) the newest readable one.
+    Weights come from checkpoint `step`, else the best (lowest validation loss), else (none
+    recorded, or the best damaged) the newest readable one. No data is read.
     """
-    from chainrule.config import OptimizerConfig
-    from chainrule.data.base import build_data
-    from chainrule.models import build_model
-    from chainrule.training.loop import apply_data_overrides
-    from chainrule.training.optim import build_optimizer
-
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    meta = read_meta(ckpt_dir) if ckpt_dir.is_dir() else None
-    if not meta or "_types" not in meta.get("config", {}):
-        raise ValueError(f"no chainrule checkpoint in {run_dir}: expected a training run "
-                         f"directory with checkpoints/")
-    saved = meta["config"]
-    types = saved["_types"]
-    data = build_data(rebuild(types["data"], saved["data"]), run_dir=run_dir)
-    model_cfg = apply_data_overrides(rebuild(types["model"], saved["model"]),
-                                     data.model_overrides)
-    model = build_model(model_cfg, rngs=nnx.Rngs(params=0))
-    opt_cfg = OptimizerConfig(**saved["optimizer"])
+    run_dir = RunDir.existing(run_dir)
+    record = read_record(run_dir)
+    model_type = schema_type(record["model"]["type"])
+    model_config = from_dict(model_type.__name__, record["model"]["config"])
+    codec = load_codec(record["codec"])
+    saved = record["config"]
+    # The optimizer's state is part of the checkpoint's tree: build it to restore into.
+    opt_cfg = from_dict(OptimizerConfig.__name__, saved["optimizer"])
     tx = build_optimizer(opt_cfg, saved["trainer"]["steps"])[0]
-    from chainrule.models.base import TRAINABLE
-
+    model = build_model(model_config, rngs=nnx.Rngs(params=0))
     optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE[opt_cfg.trainable])
     graphdef, state = nnx.split((model, optimizer))
     abstract = {"model": state, "key": jax.random.key_data(jax.random.key(0))}
-    with Checkpointer(ckpt_dir) as checkpointer:
+    with Checkpointer(run_dir.checkpoints) as checkpointer:
         restored = (checkpointer.restore_best(abstract) if step is None
                     else checkpointer.restore(abstract, step=step))
+    if restored is None:
+        raise ValueError(f"{run_dir.path} holds no checkpoint yet: expected a run that has "
+                         "saved at least one step")
     model, _ = nnx.merge(graphdef, restored.state["model"])
-    return model, data, restored.step, saved
+    return LoadedRun(model, codec, restored.step, saved)
