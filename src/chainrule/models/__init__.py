@@ -9,10 +9,9 @@ from __future__ import annotations
 from flax import nnx
 
 from chainrule.models.base import AutoregressiveModel
-from chainrule.models.pixelcnn import ConditionalPixelCNN, PixelCNN, PixelCNNConfig
+from chainrule.models.guide import ConditionalPixelCNN, PrefixTunedTransformer, TransformerAR
+from chainrule.models.pixelcnn import PixelCNN, PixelCNNConfig
 from chainrule.models.transformer import (
-    PrefixTunedTransformer,
-    TransformerAR,
     TransformerAutoregressiveModel,
     TransformerConfig,
     TransformerNetworkConfig,

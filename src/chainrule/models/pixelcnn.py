@@ -451,18 +451,6 @@ class PixelCNN(AutoregressiveModel):
         return (_sample_naive if naive else _sample_cached), (keys, canvas, keep, labels, *knobs)
 
 
-class ConditionalPixelCNN(PixelCNN):
-    """The guide's class-conditional PixelCNN: `PixelCNN` with `num_classes` classes (default:
-    the config's, else 10); labels come in as `class_labels` / the batch's "labels"."""
-
-    def __init__(self, config: PixelCNNConfig | None = None, *, num_classes: int | None = None,
-                 rngs: nnx.Rngs, **keywords: Any):
-        config = config or PixelCNNConfig()
-        num_classes = num_classes or config.num_classes or 10
-        super().__init__(dataclasses.replace(config, num_classes=num_classes), rngs=rngs,
-                         **keywords)
-
-
 def _layer_forward(layer: GatedLayer, v, h, class_labels, rngs, training):
     """One gated layer over whole images: (vertical stack, horizontal stack) -> next pair."""
     p = layer.p

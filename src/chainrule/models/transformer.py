@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -619,33 +619,3 @@ def _decode_windowed(model, buffer, offsets, start, end, key, knobs, prefill_len
 
     return _decode_loop(buffer, offsets, start, end, key, knobs, model.config.vocab_size,
                         next_logits, None, filters=filters)
-
-
-def TransformerAR(vocab_size: int, sequence_length: int = 512, hidden_dim: int = 512,
-                  num_layers: int = 6, num_heads: int = 8, feedforward_dim: int | None = None,
-                  dropout_rate: float = 0.1, positional_encoding: str = "sinusoidal",
-                  *, rngs: nnx.Rngs, **kwargs: Any) -> TransformerAutoregressiveModel:
-    """The older guide's keyword form, building the same model from flat arguments."""
-    network = TransformerNetworkConfig(
-        embed_dim=hidden_dim, num_heads=num_heads, dropout_rate=dropout_rate,
-        mlp_ratio=(feedforward_dim or 4 * hidden_dim) / hidden_dim,
-        positional_encoding=positional_encoding)
-    config = TransformerConfig(vocab_size=vocab_size, sequence_length=sequence_length,
-                               network=network, num_layers=num_layers, **kwargs)
-    return TransformerAutoregressiveModel(config, rngs=rngs)
-
-
-class PrefixTunedTransformer(TransformerAutoregressiveModel):
-    """The guide's prefix-tuning class: a Transformer with `prefix_length` learned key/value
-    prefixes in every attention layer (Li & Liang 2021). Train only them with
-    `nnx.Optimizer(model, tx, wrt=PrefixParam)` (or `optimizer.trainable=prefix` in train.py)."""
-
-    def __init__(self, config: TransformerConfig, *, prefix_length: int = 10, rngs: nnx.Rngs):
-        if prefix_length < 1:
-            raise ValueError(f"prefix_length must be >= 1, got {prefix_length}")
-        super().__init__(dataclasses.replace(config, prefix_length=prefix_length), rngs=rngs)
-        self.prefix_length = prefix_length
-
-    def forward_with_prefix(self, x, rngs=None, **kwargs):
-        """The guide's name for the forward pass: the prefixes are always attended to."""
-        return self(x, rngs=rngs, **kwargs)
