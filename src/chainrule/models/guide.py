@@ -15,9 +15,9 @@ so they stay where those classes are:
     `WaveNetConfig` field as a keyword, and the config maps the older `num_layers` /
     `num_stacks` onto `num_blocks` / `layers_per_block` (wavenet.py).
   - `TransformerNetworkConfig.hidden_dims` and `TransformerConfig.dropout_rate`: config fields
-    (transformer.py).
+    (transformer/config.py).
   - `generate(conditioning=...)`, `generate_with_cache`, `sample_with_conditioning` and
-    `beam_search(..., rngs=)`: methods of `TransformerAutoregressiveModel` (transformer.py).
+    `beam_search(..., rngs=)`: methods of `TransformerAutoregressiveModel` (transformer/model.py).
   - `DeviceManager`: `chainrule.parallel` (the guide imports it from a module of its own).
 """
 
