@@ -10,7 +10,7 @@ configs. This module imports the model packages; they never import it.
 The guide's other compatibility names belong to classes the guide constructs or calls directly,
 so they stay where those classes are:
   - `PixelCNN(image_shape=..., num_layers=..., rngs=rngs)`: the PixelCNN constructor takes any
-    `PixelCNNConfig` field as a keyword (pixelcnn.py).
+    `PixelCNNConfig` field as a keyword (pixelcnn/model.py).
   - `WaveNet(num_layers=30, num_stacks=3, ..., rngs=rngs)`: the WaveNet constructor takes any
     `WaveNetConfig` field as a keyword, and the config maps the older `num_layers` /
     `num_stacks` onto `num_blocks` / `layers_per_block` (wavenet.py).
