@@ -164,7 +164,7 @@ def test_generation_continues_a_learned_count():
 
 
 def test_generation_does_not_recompile_per_length_or_knob():
-    from chainrule.models.transformer import _decode_cached
+    from chainrule.models.transformer.decode import _decode_cached
 
     model = tiny()
     model.generate(2, 20, temperature=0.7, top_k=5)
@@ -177,7 +177,7 @@ def test_generation_does_not_recompile_per_length_or_knob():
 
 
 def test_windowed_generation_compiles_once_for_every_prompt_length():
-    from chainrule.models.transformer import _decode_windowed
+    from chainrule.models.transformer.decode import _decode_windowed
 
     model = tiny()
     model.generate(1, 20, temperature=0.0, prompt=[1], use_cache=False)

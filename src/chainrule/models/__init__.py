@@ -11,10 +11,9 @@ from flax import nnx
 
 from chainrule.config import build, register, schema_of
 from chainrule.models.base import AutoregressiveModel, ModelConfig, complete_config
-from chainrule.models.pixelcnn import ConditionalPixelCNN, PixelCNN, PixelCNNConfig
+from chainrule.models.guide import ConditionalPixelCNN, PrefixTunedTransformer, TransformerAR
+from chainrule.models.pixelcnn import PixelCNN, PixelCNNConfig
 from chainrule.models.transformer import (
-    PrefixTunedTransformer,
-    TransformerAR,
     TransformerAutoregressiveModel,
     TransformerConfig,
     TransformerNetworkConfig,

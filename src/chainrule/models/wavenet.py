@@ -33,15 +33,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from chainrule.config import check
 from chainrule.models.base import DTYPES, AutoregressiveModel, ModelConfig, logical
 from chainrule.sampling import sample_token
 
 _OLD_DEFAULTS = {"num_layers": 30, "num_stacks": 3}  # the older keyword API's defaults
 
 
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 def _positive_int(value, name: str) -> int:
@@ -49,7 +47,7 @@ def _positive_int(value, name: str) -> int:
         value = operator.index(value)
     except TypeError:
         value = None
-    _check(value is not None and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
+    check(value is not None and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
     return value
 
 
@@ -81,30 +79,30 @@ class WaveNetConfig(ModelConfig):
         if self.num_layers is not None or self.num_stacks is not None:
             layers = _OLD_DEFAULTS["num_layers"] if self.num_layers is None else self.num_layers
             stacks = _OLD_DEFAULTS["num_stacks"] if self.num_stacks is None else self.num_stacks
-            _check(stacks > 0, f"num_stacks must be > 0, got {stacks}")
-            _check(layers > 0 and layers % stacks == 0,
+            check(stacks > 0, f"num_stacks must be > 0, got {stacks}")
+            check(layers > 0 and layers % stacks == 0,
                    f"num_layers={layers} must be a positive multiple of num_stacks={stacks} "
                    "(every stack has num_layers // num_stacks layers)")
             self.num_blocks, self.layers_per_block = stacks, layers // stacks
             self.num_layers = self.num_stacks = None
-        _check(self.vocab_size is None
+        check(self.vocab_size is None
                or (isinstance(self.vocab_size, int) and self.vocab_size >= 2),
                f"vocab_size must be None (taken from the data) or an integer >= 2, "
                f"got {self.vocab_size!r}")
         for field in ("sequence_length", "residual_channels", "skip_channels",
                       "num_blocks", "layers_per_block", "dilation_base"):
             value = getattr(self, field)
-            _check(isinstance(value, int) and value >= 1,
+            check(isinstance(value, int) and value >= 1,
                    f"{field} must be an integer >= 1, got {value!r}")
-        _check(self.kernel_size >= 2, f"kernel_size must be >= 2 (a causal convolution needs a "
+        check(self.kernel_size >= 2, f"kernel_size must be >= 2 (a causal convolution needs a "
                f"past tap), got {self.kernel_size}")
-        _check(self.dilation_channels is None or self.dilation_channels >= 1,
+        check(self.dilation_channels is None or self.dilation_channels >= 1,
                f"dilation_channels must be None or >= 1, got {self.dilation_channels}")
-        _check(self.num_classes is None or self.num_classes >= 1,
+        check(self.num_classes is None or self.num_classes >= 1,
                f"num_classes must be None or >= 1, got {self.num_classes}")
-        _check(0.0 <= self.dropout_rate < 1.0,
+        check(0.0 <= self.dropout_rate < 1.0,
                f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
-        _check(self.dtype is None or self.dtype in DTYPES,
+        check(self.dtype is None or self.dtype in DTYPES,
                f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)} (or null)")
 
     @property
@@ -181,11 +179,11 @@ class WaveNet(AutoregressiveModel):
     def __init__(self, config: WaveNetConfig | None = None, *, rngs: nnx.Rngs, **keywords):
         fields = {f.name for f in dataclasses.fields(WaveNetConfig)}
         unknown = sorted(set(keywords) - fields)
-        _check(not unknown, f"unknown WaveNet keyword(s) {unknown}; expected fields of "
+        check(not unknown, f"unknown WaveNet keyword(s) {unknown}; expected fields of "
                f"WaveNetConfig: {sorted(fields)}")
         config = (WaveNetConfig(**keywords) if config is None
                   else dataclasses.replace(config, **keywords))
-        _check(config.vocab_size is not None, "WaveNetConfig.vocab_size is None: set it (mu + 1, "
+        check(config.vocab_size is not None, "WaveNetConfig.vocab_size is None: set it (mu + 1, "
                "e.g. 256) or let the data pipeline fill it in")
         self.config = config
         dtype = DTYPES[config.dtype or "float32"]
@@ -218,21 +216,21 @@ class WaveNet(AutoregressiveModel):
     def _check_condition(self, labels, batch: int):
         classes = self.config.num_classes
         if classes is None:
-            _check(labels is None, "global_condition given, but this WaveNet has "
+            check(labels is None, "global_condition given, but this WaveNet has "
                    "num_classes=None (set num_classes to condition on a class id)")
             return None
-        _check(labels is not None, f"this WaveNet is class-conditioned (num_classes={classes}): "
+        check(labels is not None, f"this WaveNet is class-conditioned (num_classes={classes}): "
                "pass global_condition=<int class ids [batch]>")
         labels = jnp.asarray(labels)
         if labels.ndim == 0:
             labels = jnp.broadcast_to(labels, (batch,))
-        _check(labels.shape == (batch,), f"global_condition has shape {labels.shape}; "
+        check(labels.shape == (batch,), f"global_condition has shape {labels.shape}; "
                f"expected ({batch},), one class id per sequence")
-        _check(jnp.issubdtype(labels.dtype, jnp.integer),
+        check(jnp.issubdtype(labels.dtype, jnp.integer),
                f"global_condition must be integer class ids, got dtype {labels.dtype}")
         if not isinstance(labels, jax.core.Tracer):
             lo, hi = int(labels.min()), int(labels.max())
-            _check(lo >= 0 and hi < classes, f"global_condition id {hi if hi >= classes else lo} "
+            check(lo >= 0 and hi < classes, f"global_condition id {hi if hi >= classes else lo} "
                    f"is out of range: expected ids in [0, num_classes={classes})")
         return labels
 
@@ -243,7 +241,7 @@ class WaveNet(AutoregressiveModel):
     # ----------------------------------------------------------------- forward
     def __call__(self, waveform, *, rngs=None, training=False, global_condition=None):
         waveform = jnp.asarray(waveform)
-        _check(waveform.ndim == 2, f"waveform must be [batch, time], got shape {waveform.shape}")
+        check(waveform.ndim == 2, f"waveform must be [batch, time], got shape {waveform.shape}")
         self._check_codes(waveform)
         labels = self._check_condition(global_condition, waveform.shape[0])
         return {"logits": self.logits_from_embeddings(self.embed(waveform), labels,
@@ -276,7 +274,7 @@ class WaveNet(AutoregressiveModel):
         waveform = batch[self.data_key]
         length = waveform.shape[1]
         logits = outputs["logits"]
-        _check(logits.shape[1] >= length - 1, f"logits cover {logits.shape[1]} steps but the "
+        check(logits.shape[1] >= length - 1, f"logits cover {logits.shape[1]} steps but the "
                f"waveform has {length} samples; expected at least {length - 1}")
         logits = logits[:, : length - 1].astype(jnp.float32)
         targets = waveform[:, 1:length]
@@ -324,16 +322,16 @@ class WaveNet(AutoregressiveModel):
         self._check_codes(prefix, "prefix")
         if prefix.ndim == 1:
             prefix = jnp.broadcast_to(prefix, (n_samples, prefix.shape[0]))
-        _check(prefix.ndim == 2 and prefix.shape[0] == n_samples and prefix.shape[1] >= 1,
+        check(prefix.ndim == 2 and prefix.shape[0] == n_samples and prefix.shape[1] >= 1,
                f"prefix has shape {prefix.shape}; expected [T0] or [n_samples={n_samples}, T0]"
                " with T0 >= 1")
-        _check(prefix.shape[1] <= max_length,
+        check(prefix.shape[1] <= max_length,
                f"prefix length {prefix.shape[1]} exceeds max_length={max_length}")
         if global_condition is None and self.config.num_classes is not None:
             global_condition = jnp.arange(n_samples) % self.config.num_classes  # cycle classes
         labels = self._check_condition(global_condition, n_samples)
         if not isinstance(temperature, jax.core.Tracer):
-            _check(float(temperature) >= 0, f"temperature must be >= 0, got {temperature}")
+            check(float(temperature) >= 0, f"temperature must be >= 0, got {temperature}")
         if rngs is None:
             key = jax.random.key(0)
         elif isinstance(rngs, nnx.Rngs):
@@ -355,7 +353,7 @@ class WaveNet(AutoregressiveModel):
         (default: classes 0, 1, 2, ... in turn). The code at time t + 1 is drawn with key
         fold_in(key, t), key taken from `rngs` (its "sample" stream if it has one).
         """
-        _check(prefix is None or prompt is None, "pass prefix or prompt, not both")
+        check(prefix is None or prompt is None, "pass prefix or prompt, not both")
         n_samples, max_length, prefix, labels, key, knobs = self._prepare(
             n_samples, max_length, prompt if prefix is None else prefix, global_condition, rngs,
             temperature, top_k, top_p)
