@@ -13,7 +13,7 @@ from PIL import Image
 
 from chainrule.data.audio import mu_law_encode, read_audio, read_wav
 from chainrule.data.images import levels_to_uint8, requantize
-from chainrule.tracking import write_wav
+from chainrule.tracking import image_grid, upscale, write_wav
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -152,9 +152,19 @@ def written(proc) -> list[Path]:
     return [Path(p) for p in proc.stdout.split("written: ")[-1].strip().split(", ")]
 
 
+def native_grid(path: Path) -> np.ndarray:
+    """A greyscale sample grid at native size, from the .npy of samples beside its PNG, after
+    checking that the PNG is that grid upscaled (long side >= 256 px)."""
+    grid = image_grid(list(np.load(path.with_suffix(".npy"))))[..., 0]
+    shown = np.asarray(Image.open(path))
+    assert max(shown.shape) >= 256
+    np.testing.assert_array_equal(shown, upscale(grid))
+    return grid
+
+
 def grid_cells(path: Path, size: int) -> list[np.ndarray]:
     """The size x size cells of a sample grid (1-px separators), row by row."""
-    grid = np.asarray(Image.open(path))
+    grid = native_grid(path)
     return [grid[r:r + size, c:c + size] for r in range(0, grid.shape[0], size + 1)
             for c in range(0, grid.shape[1], size + 1)]
 
@@ -166,7 +176,10 @@ def test_train_pixelcnn_logs_bits_per_dim_and_a_png_grid(pixelcnn_run):
         assert logged
         for x in logged:  # nats per sub-pixel in bits
             assert x[f"{split}/bits_per_dim"] == pytest.approx(x[f"{split}/nll_loss"] / math.log(2))
-    assert np.asarray(Image.open(pixelcnn_run / "samples" / "step_000002.png")).shape == (8, 17)
+    preview = pixelcnn_run / "samples" / "step_000002.png"
+    assert native_grid(preview).shape == (8, 17)  # 2 digits side by side
+    assert np.asarray(Image.open(preview)).shape == (8 * 16, 17 * 16)  # shown 16x
+    assert np.load(preview.with_suffix(".npy")).shape == (2, 8, 8, 1)
 
 
 def test_sample_pixelcnn_inpaints_a_class_into_a_png_grid(pixelcnn_run, tmp_path):
@@ -174,8 +187,9 @@ def test_sample_pixelcnn_inpaints_a_class_into_a_png_grid(pixelcnn_run, tmp_path
     Image.fromarray(picture).save(tmp_path / "picture.png")
     proc = run("sample.py", f"checkpoint={pixelcnn_run}", "class_label=3",
                f"image={tmp_path / 'picture.png'}", "mask=top:3", "sampler.num_samples=3")
-    [path] = written(proc)
+    path, array = written(proc)
     assert path.parent == pixelcnn_run / "samples" and path.suffix == ".png"
+    assert array == path.with_suffix(".npy") and np.load(array).shape == (3, 8, 8, 1)
     assert (pixelcnn_run / "samples" / "step_000002.png").exists()  # the preview stays
     kept = levels_to_uint8(requantize(picture, 256, 17), 17)[:3]  # as the model's levels
     cells = grid_cells(path, 8)

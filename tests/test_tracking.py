@@ -14,11 +14,13 @@ from PIL import Image
 
 from chainrule.tracking import (
     GRID_SEPARATOR,
+    MIN_IMAGE_SIDE,
     LoggerConfig,
     Tracker,
     has_wandb_credentials,
     image_grid,
     resolve_wandb_mode,
+    upscale_factor,
 )
 
 NONE = LoggerConfig(backend="none")
@@ -99,22 +101,82 @@ def test_image_grid_layout() -> None:
     assert single.shape == (4, 4, 3) and (single == 0).all()
 
 
+def native_pixels(shown: np.ndarray, k: int) -> np.ndarray:
+    """The native image behind a k-times nearest-neighbour upscale, after checking that every
+    native pixel is a uniform k x k block."""
+    h, w = shown.shape[0] // k, shown.shape[1] // k
+    assert shown.shape[:2] == (h * k, w * k)
+    blocks = shown.reshape(h, k, w, k, *shown.shape[2:])
+    native = blocks[:, 0, :, 0]
+    np.testing.assert_array_equal(blocks, np.broadcast_to(native[:, None, :, None],
+                                                          blocks.shape))
+    return native
+
+
+def test_upscale_factor_is_the_smallest_integer_reaching_the_minimum() -> None:
+    assert MIN_IMAGE_SIDE == 256
+    assert upscale_factor((17, 17, 1)) == 16  # the digits preset's grid: 272 x 272
+    assert upscale_factor((11, 9, 3)) == 24 and upscale_factor((9, 11, 3)) == 24  # long side
+    assert upscale_factor((128, 5)) == 2 and upscale_factor((129, 5)) == 2
+    assert upscale_factor((255, 255)) == 2
+    assert upscale_factor((256, 3)) == 1 and upscale_factor((3, 1000)) == 1
+
+
 def test_image_samples_png(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     rgb = [rng.integers(0, 256, (5, 4, 3), dtype=np.uint8) for _ in range(4)]
     grey = [rng.integers(0, 256, (5, 4, 1), dtype=np.uint8) for _ in range(3)]
     with Tracker(tmp_path, {}, NONE) as tracker:
-        (rgb_path,) = tracker.log_samples("image", rgb, step=7)
-        (grey_path,) = tracker.log_samples("image", grey, step=8)
+        rgb_paths = tracker.log_samples("image", rgb, step=7)
+        grey_paths = tracker.log_samples("image", grey, step=8)
+    rgb_path, rgb_npy = rgb_paths
     assert rgb_path == tmp_path / "samples" / "step_000007.png"
-    read_rgb = np.asarray(Image.open(rgb_path))
+    assert rgb_npy == tmp_path / "samples" / "step_000007.npy"
+    assert sorted((tmp_path / "samples").iterdir()) == sorted(rgb_paths + grey_paths)
+    # For people: the grid (11 x 9) upscaled 24x to 264 x 216, each pixel a 24 x 24 block.
+    shown_rgb = np.asarray(Image.open(rgb_path))
+    assert shown_rgb.shape == (264, 216, 3) and max(shown_rgb.shape[:2]) >= MIN_IMAGE_SIDE
+    read_rgb = native_pixels(shown_rgb, 24)
     np.testing.assert_array_equal(read_rgb, image_grid(rgb))
     assert read_rgb.shape == (11, 9, 3)
     np.testing.assert_array_equal(read_rgb[:5, :4], rgb[0])
     np.testing.assert_array_equal(read_rgb[6:, 5:], rgb[3])
-    read_grey = np.asarray(Image.open(grey_path))
-    assert read_grey.shape == (11, 9)  # greyscale PNG
+    shown_grey = np.asarray(Image.open(grey_paths[0]))
+    assert shown_grey.shape == (264, 216)  # greyscale PNG
+    read_grey = native_pixels(shown_grey, 24)
+    assert read_grey.shape == (11, 9)
     np.testing.assert_array_equal(read_grey[6:, :4], grey[2][..., 0])
+    # For tools: the samples themselves, exactly, uint8 [N, H, W, C].
+    for npy, samples in ((rgb_npy, rgb), (grey_paths[1], grey)):
+        assert npy.suffix == ".npy"
+        saved = np.load(npy)
+        channels = samples[0].shape[-1]
+        assert saved.dtype == np.uint8 and saved.shape == (len(samples), 5, 4, channels)
+        np.testing.assert_array_equal(saved, np.stack(samples))
+
+
+def test_large_image_grid_is_not_upscaled(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    # Two 256 x 100 images side by side: a 256 x 201 grid, long side already 256.
+    images = [rng.integers(0, 256, (256, 100, 3), dtype=np.uint8) for _ in range(2)]
+    with Tracker(tmp_path, {}, NONE) as tracker:
+        png, npy = tracker.log_samples("image", images, step=1)
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), image_grid(images))
+    np.testing.assert_array_equal(np.load(npy), np.stack(images))
+
+
+def test_sample_py_stems_count_the_npy_beside_each_png(tmp_path: Path) -> None:
+    from chainrule.cli.sample import free_stem
+
+    image = [np.zeros((2, 2, 1), np.uint8)]
+    with Tracker(tmp_path, {}, NONE) as tracker:
+        first = tracker.log_samples("image", image, 5, stem=free_stem(tracker.samples_dir, 5))
+        second = tracker.log_samples("image", image, 5, stem=free_stem(tracker.samples_dir, 5))
+        assert [p.name for p in first + second] == [
+            "sample_step_000005_0.png", "sample_step_000005_0.npy",
+            "sample_step_000005_1.png", "sample_step_000005_1.npy"]
+        first[0].unlink()  # a stem with only its .npy left is still taken
+        assert free_stem(tracker.samples_dir, 5) == "sample_step_000005_2"
 
 
 def test_audio_samples_wav(tmp_path: Path) -> None:
@@ -238,6 +300,11 @@ def test_wandb_offline_run_and_resume(tmp_path: Path, wandb_sandbox: Path) -> No
     run_id = tracker.run_id
     run_files = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     assert len(run_files) == 1 and run_files[0].stat().st_size > 0
+    # W&B is sent the upscaled grid people see in samples/ (4 x 4 -> 256 x 256).
+    (media,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}/files/media/images/**/*.png")
+    shown = np.asarray(Image.open(run_dir / "samples" / "step_000001.png"))
+    assert shown.shape == (256, 256, 3)
+    np.testing.assert_array_equal(np.asarray(Image.open(media)), shown)
 
     # The resumed run continues the same W&B run id (here: offline, so no server check).
     with Tracker(run_dir, {"model": {"d": 8}}, logger, run_id=run_id, resume=True) as resumed:

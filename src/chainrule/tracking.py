@@ -2,7 +2,8 @@
 
 Whatever the backend, every `log` call appends a line to run_dir/metrics.jsonl and every
 `log_samples` call writes the samples under run_dir/samples/, so a run can be inspected
-without W&B. Only the main process writes or talks to W&B; on the others a Tracker is a
+without W&B. Image samples are written for people (a PNG grid upscaled to at least
+MIN_IMAGE_SIDE px, also what W&B shows) and for tools (the exact samples, a .npy beside it). Only the main process writes or talks to W&B; on the others a Tracker is a
 silent no-op, so the training loop never has to ask.
 """
 
@@ -30,6 +31,7 @@ BACKENDS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 SAMPLE_KINDS = ("text", "image", "audio")
 GRID_SEPARATOR = 255  # value of the 1-px lines between images in a sample grid
+MIN_IMAGE_SIDE = 256  # sample grids are shown upscaled until their long side is at least this
 
 
 @dataclasses.dataclass
@@ -129,6 +131,18 @@ def image_grid(images: Sequence[np.ndarray], *, separator: int = GRID_SEPARATOR)
         r, col = divmod(i, cols)
         grid[r * (h + 1):r * (h + 1) + h, col * (w + 1):col * (w + 1) + w] = im
     return grid
+
+
+def upscale_factor(shape: Sequence[int], min_side: int = MIN_IMAGE_SIDE) -> int:
+    """The smallest integer k with k * max(H, W) >= min_side; 1 for an image already that big."""
+    return max(1, math.ceil(min_side / max(shape[0], shape[1])))
+
+
+def upscale(image: np.ndarray, min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
+    """[H, W, C] -> [kH, kW, C] by nearest neighbour with k = upscale_factor: every pixel
+    becomes a uniform k x k block, so a 17 x 17 digits grid is shown crisp at 272 x 272."""
+    k = upscale_factor(image.shape, min_side)
+    return image if k == 1 else np.repeat(np.repeat(image, k, axis=0), k, axis=1)
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
@@ -262,7 +276,12 @@ class Tracker:
         """Write generated samples under run_dir/samples/ and send them to W&B.
 
         kind "text":  list of str -> appended to {stem}.txt, printed, a wandb.Table
-        kind "image": list of uint8 [H, W, C], C in {1, 3} -> one PNG grid {stem}.png
+        kind "image": list of uint8 [H, W, C], C in {1, 3} -> one PNG grid {stem}.png for
+                      people (image_grid, upscaled by nearest neighbour with an integer factor
+                      until its long side is >= MIN_IMAGE_SIDE px; as sent to W&B) and
+                      {stem}.npy for tools: the samples themselves at native size, uint8
+                      [N, H, W, C] in the order given (np.load; image_grid(list(a)) is the
+                      native grid)
         kind "audio": list of float [T] in [-1, 1] and `sample_rate` -> 16-bit PCM WAVs
                       {stem}_{i}.wav
         The file names start with `stem`, by default step_{step:06d}.
@@ -307,16 +326,18 @@ class Tracker:
         return [path]
 
     def _log_images(self, samples, step, stem, captions) -> list[Path]:
-        grid = image_grid(samples)
-        path = self.samples_dir / f"{stem}.png"
-        write_png(path, grid)
+        images = [np.asarray(s) for s in samples]
+        shown = upscale(image_grid(images))  # image_grid checks the images
+        png, npy = self.samples_dir / f"{stem}.png", self.samples_dir / f"{stem}.npy"
+        write_png(png, shown)
+        np.save(npy, np.stack(images))
         if self._run is not None:
             import wandb
 
             caption = " | ".join(captions) if captions else f"step {step}"
-            self._run.log({"samples/image": wandb.Image(grid, caption=caption),
+            self._run.log({"samples/image": wandb.Image(shown, caption=caption),
                            "step": int(step)})
-        return [path]
+        return [png, npy]
 
     def _log_audio(self, samples, step, stem, sample_rate, captions) -> list[Path]:
         clips = [np.asarray(s, dtype=np.float32) for s in samples]

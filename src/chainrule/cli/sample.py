@@ -2,10 +2,11 @@
 
 The run directory alone rebuilds the model and its codec (`chainrule.load_run`: the completed
 model config and the tokenizer saved with the run; no data is read); parameters come from the
-best checkpoint (or `step=`).
-Samples go to stdout and to <run dir>/samples/ (sample_step_<step>_<n>.txt / .png /
-_<i>.wav, never over the training previews): text, a PNG grid or WAV files, as the run's
-data decides. The inputs a run takes follow its kind of samples: text prompts, a WAV prefix
+best checkpoint (or `step=`). Samples go to stdout and to <run dir>/samples/
+(sample_step_<step>_<n>.txt / .png + .npy / _<i>.wav, never over the training previews):
+text, an upscaled PNG grid with the native uint8 [N, H, W, C] samples beside it, or WAV
+files, as the run's codec decides. The inputs a run takes follow its kind of samples: text
+prompts, a WAV prefix
 (prompt_audio=), an image and mask to inpaint (image= mask=); class_label= for any
 class-conditional model. Every input is checked before anything is generated.
 """
@@ -92,7 +93,8 @@ def conditioning(sc: SampleConfig, texts: list[str] | None, model, codec) -> dic
 
 
 def free_stem(samples_dir: Path, step: int) -> str:
-    """sample_step_<step>_<n> with the first n no earlier sample.py output in the folder uses."""
+    """sample_step_<step>_<n> with the first n no earlier sample.py output in the folder uses
+    (any of its files: .txt, .png, .npy, _<i>.wav)."""
     stems = (f"sample_step_{step:06d}_{n}" for n in itertools.count())
     return next(stem for stem in stems if not any(samples_dir.glob(f"{stem}.*"))
                 and not any(samples_dir.glob(f"{stem}_*")))
