@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from chainrule.cli import CONF_DIR
 from chainrule.data import DataBundle, TextDataConfig, build_data
 from chainrule.data.base import load_codec
 from chainrule.data.text import (
@@ -135,7 +136,7 @@ def test_text_file_needs_path():
 
 def _yaml_config(name: str) -> TextDataConfig:
     # What Hydra does with `defaults: [text_schema, _self_]`: the YAML merged onto the schema.
-    yaml = OmegaConf.load(REPO / "conf" / "data" / f"{name}.yaml")
+    yaml = OmegaConf.load(Path(CONF_DIR) / "data" / f"{name}.yaml")
     assert list(yaml.pop("defaults")) == ["text_schema", "_self_"]
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TextDataConfig), yaml))
 

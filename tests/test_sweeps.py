@@ -26,7 +26,7 @@ from chainrule.sweeps.results import latest_sweep, load_sweep
 
 register_configs()
 REPO = Path(__file__).resolve().parents[1]
-SWEEPS = sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (Path(CONF_DIR) / "sweep").glob("*.yaml"))
 ENV = {**os.environ, "WANDB_MODE": "disabled", "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 # A job of seconds: one layer, 16-character contexts, 4 steps.
 TINY = ["debug=smoke", "model.num_layers=1", "model.network.num_heads=4", "data.sequence_length=16",

@@ -77,8 +77,9 @@ def config_error_line(err: BaseException) -> str:
 
 
 def hydra_main(task: Callable[[Any], Any], config_name: str) -> None:
-    """`hydra.main` over conf/, with Hydra's own config errors (an unknown key, a wrong type,
-    an unknown option) as one line and exit code 2 instead of its multi-line report."""
+    """`hydra.main` over CONF_DIR (the package's conf/), with Hydra's own config errors (an
+    unknown key, a wrong type, an unknown option) as one line and exit code 2 instead of its
+    multi-line report."""
     import hydra
     from hydra.errors import HydraException
 

@@ -1,6 +1,6 @@
 """Sweeps: Hydra multiruns read back as one table, scaling-law fits and plots.
 
-    python train.py -m sweep=transformer_scaling_cpu     # the presets in sweeps/
+    python train.py -m sweep=transformer_scaling_cpu     # the presets in chainrule/conf/sweep/
     chainrule-report multirun/transformer_scaling_cpu/<time>   # or python -m chainrule.sweeps
 
 job.py       what identifies a job of a multirun; its failure record (failed.json)
