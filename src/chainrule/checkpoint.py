@@ -70,6 +70,29 @@ def _check_json(name: str, value: Any) -> None:
                          f"got {type(value).__name__}: {e}") from None
 
 
+def _step_number(step: Any) -> int:
+    """A step as an int >= 0: python or numpy integers; not floats, not bools."""
+    try:
+        if isinstance(step, bool):
+            raise TypeError
+        step = operator.index(step)
+    except TypeError:
+        raise ValueError(f"step must be an int >= 0, got {step!r}") from None
+    if step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    return step
+
+
+def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
+    clean: dict[str, float] = {}
+    for name, value in metrics.items():
+        try:
+            clean[str(name)] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"metric {name!r} must be a number, got {value!r}") from None
+    return clean
+
+
 def _to_abstract(leaf: Any) -> Any:
     """Arrays -> ShapeDtypeStruct keeping their sharding; structs and scalars pass through."""
     if isinstance(leaf, jax.ShapeDtypeStruct):
@@ -145,24 +168,12 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Save `state` (and the JSON extras) as `step`. Returns False when Orbax skips it
         (a step <= the latest saved one); `force=True` saves regardless of the save policy."""
-        try:  # python or numpy integers; not floats, not bools
-            if isinstance(step, bool):
-                raise TypeError
-            step = operator.index(step)
-        except TypeError:
-            raise ValueError(f"step must be an int >= 0, got {step!r}") from None
-        if step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        step = _step_number(step)
         if data_state is not None:
             _check_json("data_state", data_state)
         if meta is not None:
             _check_json("meta", meta)
-        clean_metrics: dict[str, float] = {}
-        for name, value in (metrics or {}).items():
-            try:
-                clean_metrics[str(name)] = float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"metric {name!r} must be a number, got {value!r}") from None
+        clean_metrics = _numbers(metrics or {})
 
         for damaged in sorted(s for s in self.damaged_steps if s >= step):
             if damaged in self.all_steps():

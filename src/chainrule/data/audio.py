@@ -43,6 +43,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from chainrule.config import check
 from chainrule.data.base import (
     Codec,
     DataBundle,
@@ -187,28 +188,19 @@ class AudioDataConfig(DataConfig):
     prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source={self.source!r} is unknown; expected one of {SOURCES}")
-        if self.source == "wav_folder" and not self.path:
-            raise ValueError(f"data.path={self.path!r}: source 'wav_folder' needs a folder of "
-                             ".wav files (e.g. data.path=recordings/)")
-        for name in ("sample_rate", "sequence_length", "batch_size", "val_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"data.{name}={value!r}: expected a positive integer")
+        self.check_fields(SOURCES, ("sample_rate", "sequence_length", "batch_size",
+                                    "val_batches"))
+        check(self.source != "wav_folder" or bool(self.path),
+              f"data.path={self.path!r}: source 'wav_folder' needs a folder of .wav files "
+              "(e.g. data.path=recordings/)")
         try:
             _check_mu(self.mu)
         except ValueError as e:
             raise ValueError(f"data.{e}") from None
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"data.seed={self.seed}: expected an integer in [0, 2**32)")
-        if self.num_workers < 0 or self.prefetch < 0:
-            raise ValueError(f"data.num_workers={self.num_workers}, data.prefetch="
-                             f"{self.prefetch}: expected integers >= 0")
         if self.source == "synthetic":
-            if self.label_from not in (None, "pitch"):
-                raise ValueError(f"data.label_from={self.label_from!r}: synthetic clips are "
-                                 "labelled by pitch class; expected null or 'pitch'")
+            check(self.label_from in (None, "pitch"),
+                  f"data.label_from={self.label_from!r}: synthetic clips are labelled by pitch "
+                  "class; expected null or 'pitch'")
         elif self.label_from is not None:
             _label_parser(self.label_from)  # raises on a bad pattern
 

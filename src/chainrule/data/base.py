@@ -19,14 +19,28 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from chainrule.config import build, register
+from chainrule.config import build, check, register
 
 Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass
 class DataConfig:
-    """Base of every data config schema (text, image, audio)."""
+    """Base of every data config schema (text, image, audio), with the checks they share."""
+
+    def check_fields(self, sources: tuple[str, ...], positive: tuple[str, ...]) -> None:
+        """`source` is known, the `positive` fields are integers > 0, seed and workers fit."""
+        check(self.source in sources,
+              f"data.source={self.source!r} is unknown; expected one of {sources}")
+        for name in positive:
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                  f"data.{name}={value!r}: expected a positive integer")
+        check(0 <= self.seed < 2**32, f"data.seed={self.seed}: expected an integer in "
+                                      "[0, 2**32)")
+        check(self.num_workers >= 0, f"data.num_workers={self.num_workers}: expected >= 0")
+        check(getattr(self, "prefetch", 0) >= 0,
+              f"data.prefetch={getattr(self, 'prefetch', 0)}: expected >= 0")
 
 
 class Codec(abc.ABC):

@@ -33,6 +33,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from chainrule.config import check
 from chainrule.data.base import (
     Codec,
     DataBundle,
@@ -69,31 +70,21 @@ class ImageDataConfig(DataConfig):
     num_workers: int = 0  # grain worker processes (0: produce batches in this process)
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source={self.source!r} is unknown; expected one of {SOURCES}")
-        if self.source in ("cifar10", "image_folder") and not self.path:
-            raise ValueError(f"data.path={self.path!r}: source {self.source!r} needs the path of "
-                             "its folder (e.g. data.path=../shared/data/cifar10)")
+        self.check_fields(SOURCES, ("batch_size", "val_batches"))
+        check(self.source not in ("cifar10", "image_folder") or bool(self.path),
+              f"data.path={self.path!r}: source {self.source!r} needs the path of its folder "
+              "(e.g. data.path=../shared/data/cifar10)")
         native = NATIVE_LEVELS[self.source]
-        if self.num_levels is not None and not 2 <= self.num_levels <= native:
-            raise ValueError(f"data.num_levels={self.num_levels}: expected None or 2..{native} "
-                             f"(source {self.source!r} has {native} levels; fewer requantises)")
-        for name in ("batch_size", "val_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"data.{name}={value!r}: expected a positive integer")
+        check(self.num_levels is None or 2 <= self.num_levels <= native,
+              f"data.num_levels={self.num_levels}: expected None or 2..{native} (source "
+              f"{self.source!r} has {native} levels; fewer requantises)")
         if self.image_size is not None:
             self.image_size = tuple(int(v) for v in self.image_size)
-            if len(self.image_size) != 2 or min(self.image_size) <= 0:
-                raise ValueError(f"data.image_size={self.image_size}: expected (height, width) "
-                                 "> 0 or None")
-            if self.source != "image_folder":
-                raise ValueError(f"data.image_size={self.image_size}: resizing applies to "
-                                 f"source 'image_folder' only, not {self.source!r}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"data.seed={self.seed}: expected an integer in [0, 2**32)")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers}: expected >= 0")
+            check(len(self.image_size) == 2 and min(self.image_size) > 0,
+                  f"data.image_size={self.image_size}: expected (height, width) > 0 or None")
+            check(self.source == "image_folder",
+                  f"data.image_size={self.image_size}: resizing applies to source "
+                  f"'image_folder' only, not {self.source!r}")
 
     @property
     def levels(self) -> int:

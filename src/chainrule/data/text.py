@@ -20,6 +20,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from chainrule.config import check
 from chainrule.data.base import (
     Codec,
     DataBundle,
@@ -133,30 +134,19 @@ class TextDataConfig(DataConfig):
     prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source={self.source!r} is unknown; expected one of {SOURCES}")
-        if self.source == "text_file" and not self.path:
-            raise ValueError(f"data.path={self.path!r}: source 'text_file' needs the path of a "
-                             "text file or folder (e.g. data.path=corpus.txt)")
-        if self.tokenizer not in KINDS:
-            raise ValueError(f"data.tokenizer={self.tokenizer!r} is unknown; expected one of {KINDS}")
-        if not self.glob:
-            raise ValueError(f"data.glob={self.glob!r}: expected a file pattern such as '*.txt'")
-        for name in ("sequence_length", "batch_size", "val_batches"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"data.{name}={value!r}: expected a positive integer")
-        if self.bpe_vocab_size < MIN_BPE_VOCAB_SIZE:
-            raise ValueError(f"data.bpe_vocab_size={self.bpe_vocab_size}: expected >= "
-                             f"{MIN_BPE_VOCAB_SIZE} (256 byte symbols + eos)")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={self.val_fraction}: expected a value in (0, 1)")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"data.seed={self.seed}: expected an integer in [0, 2**32)")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers={self.num_workers}: expected >= 0")
-        if self.prefetch < 0:
-            raise ValueError(f"data.prefetch={self.prefetch}: expected >= 0")
+        self.check_fields(SOURCES, ("sequence_length", "batch_size", "val_batches"))
+        check(self.source != "text_file" or bool(self.path),
+              f"data.path={self.path!r}: source 'text_file' needs the path of a text file or "
+              "folder (e.g. data.path=corpus.txt)")
+        check(self.tokenizer in KINDS,
+              f"data.tokenizer={self.tokenizer!r} is unknown; expected one of {KINDS}")
+        check(bool(self.glob), f"data.glob={self.glob!r}: expected a file pattern such as "
+                               "'*.txt'")
+        check(self.bpe_vocab_size >= MIN_BPE_VOCAB_SIZE,
+              f"data.bpe_vocab_size={self.bpe_vocab_size}: expected >= {MIN_BPE_VOCAB_SIZE} "
+              "(256 byte symbols + eos)")
+        check(0.0 < self.val_fraction < 1.0,
+              f"data.val_fraction={self.val_fraction}: expected a value in (0, 1)")
 
 
 def load_text(config: TextDataConfig) -> str:

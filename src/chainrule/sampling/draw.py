@@ -54,14 +54,7 @@ def draw(model, sampler, *, key: jax.Array, prompts: list[np.ndarray] | None = N
     if prompts is not None and "prompt" not in takes:
         raise ValueError(f"a {name} continues no prompt: prompts are for sequence models "
                          f"(Transformer, WaveNet)")
-    kwargs: dict[str, Any] = sampler.kwargs()
-    for knob, off in TOKEN_KNOBS.items():
-        value = getattr(sampler, knob)
-        if knob in takes:
-            kwargs[knob] = value
-        elif (tuple(value) if isinstance(value, list) else value) != off:
-            raise ValueError(f"sampler.{knob}={value} is for token models; {name}.{fn.__name__} "
-                             f"does not take it (leave it at {off})")
+    kwargs: dict[str, Any] = {**sampler.kwargs(), **_token_knobs(sampler, takes, fn)}
     n = sampler.num_samples
     if prompts is not None:  # every prompt n times, one (ragged) batch
         kwargs["prompt"] = [p for p in prompts for _ in range(n)]
@@ -74,6 +67,21 @@ def draw(model, sampler, *, key: jax.Array, prompts: list[np.ndarray] | None = N
         kwargs["conditioning"], kwargs["mask"] = inpaint
     samples = np.asarray(fn(n_samples=n, rngs=nnx.Rngs(sample=key), **kwargs))
     return list(samples), [""] * len(samples)
+
+
+def _token_knobs(sampler, takes: set[str], fn) -> dict[str, Any]:
+    """The token-only knobs `fn` takes; one set away from its default for a model whose `fn`
+    does not take it is refused."""
+    knobs = {}
+    for knob, off in TOKEN_KNOBS.items():
+        value = getattr(sampler, knob)
+        if knob in takes:
+            knobs[knob] = value
+        elif (tuple(value) if isinstance(value, list) else value) != off:
+            owner = type(getattr(fn, "__self__", None)).__name__
+            raise ValueError(f"sampler.{knob}={value} is for token models; {owner}."
+                             f"{fn.__name__} does not take it (leave it at {off})")
+    return knobs
 
 
 def _check_class_label(model, class_label: int, takes: set[str]) -> None:
