@@ -62,8 +62,8 @@ def read_record(run_dir: RunDir) -> dict[str, Any]:
         return record
     meta = read_meta(run_dir.checkpoints) if run_dir.has_checkpoints() else None
     if not meta or "_types" not in meta.get("config", {}):
-        raise ValueError(f"no chainrule run in {run_dir.path}: expected a training run "
-                         f"directory with {RunDir.RUN_FILE} or checkpoints/")
+        raise ValueError(f"no chainrule checkpoint in {run_dir.path}: expected a training run "
+                         f"directory with {RunDir.RUN_FILE} and checkpoints/")
     return _format1_record(run_dir, meta["config"])
 
 
