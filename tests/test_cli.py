@@ -182,6 +182,21 @@ def test_train_pixelcnn_logs_bits_per_dim_and_a_png_grid(pixelcnn_run):
     assert np.load(preview.with_suffix(".npy")).shape == (2, 8, 8, 1)
 
 
+def test_image_and_audio_runs_load_without_a_data_pipeline(pixelcnn_run, wavenet_run,
+                                                          monkeypatch):
+    import chainrule
+    from chainrule.training import restore
+
+    def no_data_pipeline(*args, **kwargs):
+        raise AssertionError("a data pipeline was built")
+
+    monkeypatch.setattr(restore, "build_data", no_data_pipeline)
+    _, images, _, _ = chainrule.load_run(pixelcnn_run)
+    assert images.shape == (8, 8, 1) and images.levels == 17 and len(images.class_names) == 10
+    _, audio, _, _ = chainrule.load_run(wavenet_run)
+    assert audio.media == {"sample_rate": 8000} and len(audio.label_names) == 12
+
+
 def test_sample_pixelcnn_inpaints_a_class_into_a_png_grid(pixelcnn_run, tmp_path):
     picture = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
     Image.fromarray(picture).save(tmp_path / "picture.png")
