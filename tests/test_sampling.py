@@ -32,6 +32,15 @@ def test_top_p_keeps_smallest_set_reaching_p():
         assert kept == expected, (p, kept)
 
 
+def test_top_p_zero_keeps_the_most_likely_token():
+    """Audit finding: top_p=0.0 kept nothing, and sampling then drew token 0 forever."""
+    logits = jax.random.normal(jax.random.key(3), (16, 30))
+    kept = np.isfinite(np.asarray(top_p_filter(logits, 0.0)))
+    assert (kept.sum(-1) == 1).all() and (kept.argmax(-1) == np.asarray(logits.argmax(-1))).all()
+    draws = sample_token(jax.random.key(5), logits, temperature=1.0, top_p=0.0)
+    assert (draws == logits.argmax(-1)).all()
+
+
 def test_temperature_zero_is_greedy_and_low_temperature_approaches_it():
     key = jax.random.key(0)
     logits = jax.random.normal(key, (64, 50))

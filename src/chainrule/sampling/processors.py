@@ -52,7 +52,8 @@ def top_p_filter(logits: jax.Array, top_p) -> jax.Array:
     order = jnp.argsort(-logits, axis=-1, stable=True)
     sorted_probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs  # exclusive cumsum
-    keep_sorted = mass_before < p  # the first token is always kept
+    # The most likely token always stays, so top_p=0 is greedy rather than an empty set.
+    keep_sorted = (mass_before < p) | (jnp.arange(logits.shape[-1]) == 0)
     keep = jnp.zeros_like(keep_sorted)
     keep = jnp.put_along_axis(keep, order, keep_sorted, axis=-1, inplace=False)
     return jnp.where(keep | (p >= 1.0), logits, NEG_INF)
