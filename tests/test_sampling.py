@@ -96,3 +96,22 @@ def test_fused_processing_equals_the_filters_in_sequence():
             np.testing.assert_array_equal(
                 np.asarray(process_logits(logits, temperature=t, top_k=k, top_p=p,
                                           filters=filters)), np.asarray(expected))
+
+
+def test_generate_with_top_p_zero_is_greedy():
+    """The audit's case through the Python API: a Transformer's generate(top_p=0.0)."""
+    from flax import nnx
+
+    from chainrule.models import (
+        TransformerAutoregressiveModel,
+        TransformerConfig,
+        TransformerNetworkConfig,
+    )
+
+    config = TransformerConfig(vocab_size=40, sequence_length=16, num_layers=1,
+                               network=TransformerNetworkConfig(embed_dim=16, num_heads=2))
+    model = TransformerAutoregressiveModel(config, rngs=nnx.Rngs(params=0))
+    nucleus = model.generate(2, max_length=12, temperature=1.0, top_p=0.0, rngs=nnx.Rngs(sample=1))
+    greedy_ = model.generate(2, max_length=12, temperature=0.0, rngs=nnx.Rngs(sample=1))
+    np.testing.assert_array_equal(np.asarray(nucleus), np.asarray(greedy_))
+    assert len(set(np.asarray(nucleus)[:, 1:].ravel().tolist())) > 1  # not token 0 forever

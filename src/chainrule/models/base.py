@@ -29,6 +29,10 @@ class ModelConfig:
     """Base of every model config schema. Fields left None that the data decides (the
     vocabulary size, the image shape) are filled by `complete_config` before a model is built."""
 
+    def width(self) -> int | None:
+        """The model's hidden width (what the transformer learning-rate schedule scales by)."""
+        return None
+
 
 def complete_config(config: ModelConfig, data_fields: dict[str, Any]) -> ModelConfig:
     """Fill the model fields the data decides (`Codec.model_fields`); refuse contradictions."""

@@ -75,6 +75,9 @@ class WaveNetConfig(ModelConfig):
     num_layers: int | None = None  # older API: total layers
     num_stacks: int | None = None  # older API: number of blocks
 
+    def width(self) -> int:
+        return self.residual_channels
+
     def __post_init__(self) -> None:
         if self.num_layers is not None or self.num_stacks is not None:
             layers = _OLD_DEFAULTS["num_layers"] if self.num_layers is None else self.num_layers

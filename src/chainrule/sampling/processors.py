@@ -93,7 +93,8 @@ def process_logits(logits: jax.Array, *, temperature=1.0, top_k=None, top_p=None
         ranked = jnp.take_along_axis(logits, order, axis=-1)
         keep = (jnp.arange(logits.shape[-1]) < k) | (k <= 0)
         probs = jax.nn.softmax(jnp.where(keep, ranked, NEG_INF), axis=-1)
-        keep = keep & ((jnp.cumsum(probs, axis=-1) - probs < p) | (p >= 1.0))
+        first = jnp.arange(logits.shape[-1]) == 0  # the most likely token always stays
+        keep = keep & ((jnp.cumsum(probs, axis=-1) - probs < p) | (p >= 1.0) | first)
         keep = jnp.put_along_axis(jnp.zeros_like(keep), order, keep, axis=-1, inplace=False)
         return jnp.where(keep, logits, NEG_INF)
 

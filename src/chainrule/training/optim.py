@@ -21,7 +21,8 @@ class OptimizerConfig:
 
     Schedules: `constant`; `cosine` (linear warmup, cosine decay to `min_learning_rate` at
     `decay_steps`, default the run's length); `linear` (warmup, linear decay); `transformer`
-    (Vaswani et al.: learning_rate * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)).
+    (Vaswani et al.: learning_rate * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step
+    counting updates from 1, d_model the model's width unless set).
     Weight decay applies to matrices only, never to norms or biases.
     """
 
@@ -31,7 +32,7 @@ class OptimizerConfig:
     warmup_steps: int = 100
     decay_steps: int | None = None
     min_learning_rate: float = 1e-4
-    d_model: int = 512  # only for the `transformer` schedule
+    d_model: int | None = None  # `transformer` schedule only; None: the model's width
     b1: float = 0.9
     b2: float = 0.99
     eps: float = 1e-8
@@ -50,6 +51,8 @@ class OptimizerConfig:
         check(self.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
         check(self.grad_clip_norm is None or self.grad_clip_norm > 0,
                f"optimizer.grad_clip_norm must be > 0 or null, got {self.grad_clip_norm}")
+        check(self.d_model is None or self.d_model > 0,
+              f"optimizer.d_model must be > 0 or null (the model's width), got {self.d_model}")
         check(self.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
 
 
@@ -58,16 +61,24 @@ def transformer_schedule(learning_rate: float, warmup_steps: int, d_model: int) 
     warmup = max(warmup_steps, 1)
 
     def schedule(count):
-        step = jnp.maximum(count, 1).astype(jnp.float32)
+        # optax counts updates from 0: the first update is step 1, the peak comes at `warmup`.
+        step = jnp.asarray(count, jnp.float32) + 1.0
         return learning_rate * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup**-1.5)
 
     return schedule
 
 
-def build_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+def build_schedule(cfg: OptimizerConfig, total_steps: int,
+                   width: int | None = None) -> optax.Schedule:
+    """The learning rate per update; `width` is the model's (the transformer schedule's
+    d_model when the config leaves it None)."""
     decay = cfg.decay_steps or total_steps
     if cfg.schedule == "transformer":
-        return transformer_schedule(cfg.learning_rate, cfg.warmup_steps, cfg.d_model)
+        d_model = cfg.d_model or width
+        if d_model is None:
+            raise ValueError("optimizer.schedule=transformer needs optimizer.d_model (this "
+                             "model has no width to take it from)")
+        return transformer_schedule(cfg.learning_rate, cfg.warmup_steps, d_model)
     if cfg.schedule == "constant":
         if cfg.warmup_steps == 0:
             return optax.constant_schedule(cfg.learning_rate)
@@ -90,9 +101,9 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int):
-    """(optax transformation, schedule) for the config."""
-    schedule = build_schedule(cfg, total_steps)
+def build_optimizer(cfg: OptimizerConfig, total_steps: int, width: int | None = None):
+    """(optax transformation, schedule) for the config (`width`: see `build_schedule`)."""
+    schedule = build_schedule(cfg, total_steps, width)
     if cfg.name == "adamw":
         opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                           weight_decay=cfg.weight_decay, mask=decay_mask)

@@ -147,7 +147,7 @@ def assemble(cfg: TrainConfig, run_dir: RunDir | None, mesh: jax.sharding.Mesh, 
     if getattr(model_config, "dtype", "float32") is None:  # None: the hardware decides
         model_config = dataclasses.replace(model_config, dtype=cfg.hardware.compute_dtype)
     wrt = TRAINABLE[cfg.optimizer.trainable]
-    tx, schedule = build_optimizer(cfg.optimizer, cfg.trainer.steps)
+    tx, schedule = build_optimizer(cfg.optimizer, cfg.trainer.steps, model_config.width())
 
     def create():
         model = build_model(model_config, rngs=nnx.Rngs(params=cfg.seed))

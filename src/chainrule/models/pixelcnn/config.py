@@ -26,6 +26,9 @@ class PixelCNNConfig(ModelConfig):
     dtype: str | None = None  # compute dtype (None: float32, or hardware.compute_dtype)
     remat: bool = False  # recompute each gated layer's activations in the backward pass
 
+    def width(self) -> int:
+        return self.hidden_channels
+
     def __post_init__(self) -> None:
         check(self.dtype is None or self.dtype in DTYPES,
                f"dtype={self.dtype!r}; expected one of {sorted(DTYPES)} (or null)")

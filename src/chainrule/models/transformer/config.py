@@ -72,6 +72,9 @@ class TransformerConfig(ModelConfig):
     #                           train.py); parameters and optimizer state stay float32
     remat: bool = False  # recompute each block's activations in the backward pass (memory)
 
+    def width(self) -> int:
+        return self.network.embed_dim
+
     def __post_init__(self) -> None:
         if isinstance(self.network, dict):
             self.network = TransformerNetworkConfig(**self.network)
