@@ -307,6 +307,23 @@ def test_subword_tokenizers(tmp_path, kind):
     assert bundle.decode(bundle.encode(text[:500])) == text[:500]
 
 
+def test_validation_bits_per_char_count_the_validation_characters(tmp_path):
+    """Audit finding: validation bits/char used the train split's tokens per character. A BPE
+    fitted on repeated words packs them densely; the validation part is text it never saw."""
+    rng = np.random.default_rng(1)
+    train = "the quick brown fox jumps over the lazy dog\n" * 400
+    val = "".join(rng.choice(list("zqxjkvbpgw0123456789 "), 4_000))
+    path = tmp_path / "t.txt"
+    path.write_text(train + val)
+    bundle = build_data(_config(path, tokenizer="bpe", bpe_vocab_size=300,
+                                val_fraction=len(val) / len(train + val), val_batches=4))
+    scored = [row[1:] for b in bundle.val_batches for row in b["sequences"]]
+    chars = sum(len(bundle.decode(row)) for row in scored)
+    expected = sum(len(row) for row in scored) / chars
+    assert bundle.val_metric_scales["bits_per_char"] == pytest.approx(expected)
+    assert bundle.metric_scales["bits_per_char"] < 0.5 < expected  # dense train, sparse val
+
+
 @pytest.mark.skipif(not TINY_SHAKESPEARE.is_file(), reason="shared tinyshakespeare not present")
 def test_tinyshakespeare(monkeypatch):
     monkeypatch.chdir(REPO)  # the YAML path is relative to where one runs: the repo root

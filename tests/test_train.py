@@ -62,6 +62,25 @@ def test_results_and_files(tmp_path):
     assert list((tmp_path / "samples").glob("*.txt"))
 
 
+def test_validation_bits_per_char_use_the_validation_scale(tmp_path):
+    """val/bits_per_char = val nll / ln 2 * the validation windows' tokens per character."""
+    (tmp_path / "t.txt").write_text("to be or not to be, that is the question\n" * 150
+                                    + "xq zv jk 09 81 wq pz\n" * 40)
+    cfg = tiny_config(steps=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, source="text_file", path=str(tmp_path / "t.txt"), tokenizer="bpe",
+        bpe_vocab_size=300, sequence_length=16, val_fraction=0.12))
+    train(cfg, tmp_path / "run")
+    from chainrule.data import build_data
+
+    scale = build_data(cfg.data).val_metric_scales["bits_per_char"]
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
+              if "val/loss" in x]
+    assert logged and scale > 1.2 * build_data(cfg.data).metric_scales["bits_per_char"]
+    for x in logged:
+        assert x["val/bits_per_char"] == pytest.approx(x["val/nll_loss"] / math.log(2) * scale)
+
+
 def test_data_decides_vocab_and_contradictions_fail():
     model = TransformerConfig(vocab_size=None)
     assert complete_config(model, {"vocab_size": 65}).vocab_size == 65

@@ -105,7 +105,11 @@ class DataBundle:
     val_batches:     fixed validation batches, the same at every evaluation.
     codec:           model symbols <-> text / images / audio (saved with the run).
     metric_scales:   extra metrics derived from the loss: {"bits_per_char": s} logs
-                     `nll_loss / ln 2 * s` (s = tokens per character, 1 for char level).
+                     `nll_loss / ln 2 * s` (s = tokens per character of the train split, 1
+                     for char level).
+    val_metric_scales: the same for `val_batches`, from exactly the tokens they score (None:
+                     `metric_scales`), so bits per character are the validation windows'
+                     bits over their characters.
     info:            anything else worth recording (tokenizer kind, sample_rate, num_classes).
     """
 
@@ -113,6 +117,7 @@ class DataBundle:
     val_batches: list[Batch]
     codec: Codec
     metric_scales: dict[str, float] = dataclasses.field(default_factory=dict)
+    val_metric_scales: dict[str, float] | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property

@@ -277,11 +277,16 @@ def build_text_data(config: TextDataConfig, *, codec: Codec | None = None,
                              num_batches=config.val_batches, process_index=process_index,
                              process_count=process_count)
     tokens_per_char = len(train_tokens) / len(train_text)
+    # Each window scores its last sequence_length tokens (the first is only context).
+    scored = [b["sequences"][:, 1:] for b in val]
+    val_chars = sum(len(tokenizer.decode(row)) for rows in scored for row in rows)
+    val_tokens_per_char = sum(rows.size for rows in scored) / val_chars
     return DataBundle(
         train=iterate(ds, prefetch=config.prefetch, num_workers=config.num_workers),
         val_batches=val,
         codec=TextCodec(tokenizer),
         metric_scales={"bits_per_char": tokens_per_char},
+        val_metric_scales={"bits_per_char": val_tokens_per_char},
         info={
             "source": config.source,
             "tokenizer": tokenizer.kind,

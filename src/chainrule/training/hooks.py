@@ -149,7 +149,7 @@ class Session:
     def _validation_metrics(self, step: int) -> dict[str, float]:
         run = self.run
         metrics = derived_metrics(to_host(run.steps.evaluate(self.trainer.state, self.val)),
-                                  run.data.metric_scales)
+                                  run.data.val_metric_scales or run.data.metric_scales)
         if not math.isfinite(metrics["loss"]):
             raise self._stop_without_saving(f"step {step}: the validation loss is "
                                             f"{metrics['loss']}")
