@@ -352,7 +352,10 @@ class _RandomCrop:
         start = int(rng.integers(max(len(clip) - self.length, 0) + 1))
         piece = clip[start:start + self.length]
         out[: len(piece)] = piece
-        item = {"waveform": out}
+        # The silence that pads a short clip is not audio: the loss leaves it out.
+        mask = np.zeros(self.length, np.int32)
+        mask[: len(piece)] = 1
+        item = {"waveform": out, "loss_mask": mask}
         if self.clips.labels is not None:
             item["labels"] = np.int32(self.clips.labels[index])
         return item

@@ -4,6 +4,8 @@ The training loop, the evaluation code, the sampler CLI and the sweeps see only 
 
     outputs = model(x, rngs=..., training=...)      # dict with "logits" and anything else
     losses  = model.loss_fn(batch, outputs)          # dict with "loss", "nll_loss", ...
+                                                     # (+ "num_scored": targets counted, when
+                                                     # a mask leaves some out)
     samples = model.generate(n_samples=..., rngs=..., temperature=..., ...)
 
 `data_key` names the batch entry that holds the modelled data ("sequences", "images",

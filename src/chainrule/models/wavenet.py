@@ -281,9 +281,14 @@ class WaveNet(AutoregressiveModel):
                f"waveform has {length} samples; expected at least {length - 1}")
         logits = logits[:, : length - 1].astype(jnp.float32)
         targets = waveform[:, 1:length]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        accuracy = (logits.argmax(-1) == targets).mean()
-        return {"loss": nll, "nll_loss": nll, "accuracy": accuracy,
+        weights = jnp.ones(targets.shape, jnp.float32)
+        if "loss_mask" in batch:  # the silence padding a short clip is not scored
+            weights = weights * batch["loss_mask"][:, 1:length].astype(jnp.float32)
+        scored = weights.sum()
+        nll = (optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights).sum()
+        nll = nll / jnp.maximum(scored, 1.0)
+        accuracy = ((logits.argmax(-1) == targets) * weights).sum() / jnp.maximum(scored, 1.0)
+        return {"loss": nll, "nll_loss": nll, "accuracy": accuracy, "num_scored": scored,
                 "perplexity": jnp.exp(nll), "bits_per_sample": nll / math.log(2.0)}
 
     # -------------------------------------------------------------- generation

@@ -9,7 +9,10 @@ not applied (`chainrule.training.nonfinite`).
 
 Mixed precision lives in the models (`dtype`: activations and matmuls in bfloat16, parameters
 and optimizer state float32). Gradient accumulation splits each batch into `accum`
-micro-batches inside the step (a `lax.scan`) and averages their gradients.
+micro-batches inside the step (a `lax.scan`). Where a loss scores only some targets (a mask:
+padding, silence), it reports how many (`num_scored`), and micro-batches and validation batches
+are weighted by it: the sum of nll over the count of scored targets, divided once, exactly as
+one whole batch would give.
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ import optax
 from flax import nnx
 
 from chainrule.training import nonfinite
+
+SCORED = "num_scored"  # a loss's count of scored targets: what batches are weighted by
+
+
+def split_weight(metrics: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(the metrics without the count, the count; 1 for losses that score every target)."""
+    metrics = dict(metrics)
+    weight = metrics.pop(SCORED, None)
+    return metrics, (jnp.ones((), jnp.float32) if weight is None
+                     else jnp.asarray(weight, jnp.float32))
 
 
 class Steps:
@@ -52,29 +65,34 @@ class Steps:
             metrics = model.train_loss(batch, rngs=nnx.Rngs(dropout=key), training=True)
             return metrics["loss"], metrics
 
-        return jax.grad(loss_fn, has_aux=True)(params)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
+        return grads, *split_weight(metrics)
 
     def _accumulated_grads(self, model, batch, step):
         """Mean gradients and metrics over `accum` micro-batches; dropout keys from the step."""
         key = jax.random.fold_in(self.base_key, step)
         graphdef, params, rest = nnx.split(model, self.wrt, ...)
         if self.accum == 1:
-            return self._grads(graphdef, params, rest, batch, key)
+            return self._grads(graphdef, params, rest, batch, key)[:2]
         # Micro-batch i takes rows i, i + accum, ...: each device keeps its own rows, so the
         # split moves no data between devices.
         micro = jax.tree.map(lambda x: jnp.swapaxes(
             x.reshape(x.shape[0] // self.accum, self.accum, *x.shape[1:]), 0, 1), batch)
 
-        def one(total, xs):
+        def one(carry, xs):  # each micro-batch weighted by its count of scored targets
+            total, scored = carry
             i, mb = xs
-            out = self._grads(graphdef, params, rest, mb, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, total, out), None
+            grads, metrics, weight = self._grads(graphdef, params, rest, mb,
+                                                 jax.random.fold_in(key, i))
+            total = jax.tree.map(lambda t, x: t + x * weight, total, (grads, metrics))
+            return (total, scored + weight), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(self._grads, graphdef, params, rest, first, key))
-        total, _ = jax.lax.scan(one, zeros, (jnp.arange(self.accum), micro))
-        return jax.tree.map(lambda x: x / self.accum, total)
+        shapes = jax.eval_shape(self._grads, graphdef, params, rest, first, key)[:2]
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (total, scored), _ = jax.lax.scan(one, (zeros, jnp.zeros((), jnp.float32)),
+                                          (jnp.arange(self.accum), micro))
+        return jax.tree.map(lambda x: x / jnp.maximum(scored, 1e-9), total)
 
     def _train_step(self, state, totals, batch, step):
         before = jax.tree.map(lambda x: x, state)  # merge shares `state`'s variables
@@ -108,10 +126,13 @@ class Steps:
         return float(cost["flops"]) if cost and "flops" in cost else None
 
     def _evaluate(self, state, val):
-        """Mean metrics over stacked validation batches (leading axis = batch index)."""
+        """Metrics over stacked validation batches (leading axis = batch index), each batch
+        weighted by its count of scored targets: sums divided once, not a mean of means."""
         model, _ = nnx.merge(self.graphdef, state)
-        per_batch = jax.lax.map(lambda b: model.train_loss(b, training=False), val)
-        return jax.tree.map(jnp.mean, per_batch)
+        per_batch, weights = jax.lax.map(
+            lambda b: split_weight(model.train_loss(b, training=False)), val)
+        total = jnp.maximum(weights.sum(), 1e-9)
+        return {k: (v * weights).sum() / total for k, v in per_batch.items()}
 
 
 def stack_batches(batches: list[dict[str, Any]]) -> dict[str, np.ndarray]:

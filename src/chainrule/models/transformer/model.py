@@ -128,7 +128,8 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         nll_loss = (nll * weights).sum() / count
         accuracy = ((logits.argmax(-1) == targets) * weights).sum() / count
         return {"loss": nll_loss, "nll_loss": nll_loss, "perplexity": jnp.exp(nll_loss),
-                "accuracy": accuracy, "bits_per_token": nll_loss / math.log(2.0)}
+                "accuracy": accuracy, "bits_per_token": nll_loss / math.log(2.0),
+                "num_scored": weights.sum()}
 
     # --------------------------------------------------------------- generation
     def init_cache(self, batch_size: int, max_length: int):
