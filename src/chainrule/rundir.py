@@ -131,9 +131,11 @@ class RunDir:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file and rename it: a crash never leaves half a file."""
+def write_json_atomic(path: Path, obj: Any, *, indent: int | None = 2) -> None:
+    """Write JSON to a temporary file and rename it over `path`: readers and a crash never see
+    half a file (the one JSON writer of run directories, tokenizers and results)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from chainrule.config import register
-from chainrule.rundir import RunDir
+from chainrule.rundir import RunDir, write_json_atomic
 
 BACKENDS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -190,9 +190,7 @@ def _jsonable(value: Any) -> Any:
 def write_json(path: Path, data: Mapping[str, Any]) -> dict[str, Any]:
     """Write `data` as indented JSON atomically (readers never see a half-written file)."""
     clean = _jsonable(dict(data))
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, clean)
     return clean
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import abc
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from chainrule.rundir import write_json_atomic
 
 KINDS = ("char", "byte", "bpe")
 EOS_TOKEN = "<|endoftext|>"
@@ -39,15 +40,6 @@ def _as_ids(ids: Any, vocab_size: int) -> np.ndarray:
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got values in [{lo}, {hi}]")
     return arr
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    # Write to a temporary file and rename, so a crash never leaves a half-written tokenizer.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Tokenizer(abc.ABC):
@@ -74,7 +66,7 @@ class Tokenizer(abc.ABC):
         """Everything needed to rebuild the tokenizer, with a "kind" entry."""
 
     def save(self, path: Path | str) -> None:
-        _write_json(Path(path), self.to_json())
+        write_json_atomic(Path(path), self.to_json(), indent=None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size})"

@@ -22,7 +22,7 @@ from flax import nnx
 from chainrule.checkpoint import Checkpointer, read_meta
 from chainrule.config import from_dict, schema_type, to_dict
 from chainrule.data.base import Codec, build_data, load_codec
-from chainrule.data.text import TextCodec, TextDataConfig
+from chainrule.data.text import TextCodec
 from chainrule.data.tokenizers import load_tokenizer
 from chainrule.models import AutoregressiveModel, build_model, complete_config, family_name
 from chainrule.models.base import TRAINABLE, ModelConfig
@@ -67,13 +67,22 @@ def read_record(run_dir: RunDir) -> dict[str, Any]:
     return _format1_record(run_dir, meta["config"])
 
 
+def saved_codec(run_dir: RunDir | None) -> Codec | None:
+    """The codec a run directory holds: run.json's, or a format-1 text run's tokenizer.json."""
+    if run_dir is None:
+        return None
+    record = run_dir.read_run()
+    if record is not None:
+        return load_codec(record["codec"])
+    if run_dir.legacy_tokenizer.is_file():
+        return TextCodec(load_tokenizer(run_dir.legacy_tokenizer))
+    return None
+
+
 def _format1_record(run_dir: RunDir, saved: dict[str, Any]) -> dict[str, Any]:
     types = saved["_types"]
-    data_config = from_dict(types["data"], saved["data"])
-    if isinstance(data_config, TextDataConfig) and run_dir.legacy_tokenizer.is_file():
-        codec: Codec = TextCodec(load_tokenizer(run_dir.legacy_tokenizer))
-    else:  # format 1 kept no codec: the data is read once to learn it
-        codec = build_data(data_config).codec
+    # Format 1 kept no codec for images and audio: their data is read once to learn it.
+    codec = saved_codec(run_dir) or build_data(from_dict(types["data"], saved["data"])).codec
     model_config = complete_config(from_dict(types["model"], saved["model"]),
                                    codec.model_fields())
     return run_record(model_config, codec, saved)

@@ -24,16 +24,20 @@ from flax import nnx
 
 from chainrule import parallel
 from chainrule.checkpoint import Checkpointer
-from chainrule.data.base import Codec, DataBundle, build_data, load_codec
-from chainrule.data.text import TextCodec
-from chainrule.data.tokenizers import load_tokenizer
+from chainrule.data.base import DataBundle, build_data
 from chainrule.models import AutoregressiveModel, build_model, complete_config, family_name
 from chainrule.models.base import TRAINABLE, ModelConfig
 from chainrule.parallel.config import HardwareConfig
 from chainrule.rundir import RunDir
 from chainrule.training.config import TrainConfig
 from chainrule.training.optim import build_optimizer
-from chainrule.training.restore import check_resumable, load_run, run_record, train_config_record
+from chainrule.training.restore import (
+    check_resumable,
+    load_run,
+    run_record,
+    saved_codec,
+    train_config_record,
+)
 from chainrule.training.steps import Steps
 
 
@@ -112,20 +116,9 @@ class Run:
         return self.replicate(jax.random.key_data(key))
 
 
-def saved_codec(run_dir: RunDir | None) -> Codec | None:
-    """The codec a run directory already holds (a resumed run keeps its tokenizer)."""
-    if run_dir is None:
-        return None
-    record = run_dir.read_run()
-    if record is not None:
-        return load_codec(record["codec"])
-    if run_dir.legacy_tokenizer.is_file():  # format 1
-        return TextCodec(load_tokenizer(run_dir.legacy_tokenizer))
-    return None
-
-
 def build_run_data(cfg: TrainConfig, run_dir: RunDir | None) -> tuple[DataBundle, ModelConfig]:
     """This process's data pipeline, and the model config completed by its codec."""
+    # A resumed run keeps the codec it has (a text run its tokenizer).
     data = build_data(cfg.data, codec=saved_codec(run_dir), process_index=jax.process_index(),
                       process_count=jax.process_count())
     return data, complete_config(cfg.model, data.codec.model_fields())
