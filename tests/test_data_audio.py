@@ -153,9 +153,9 @@ def check_bundle(bundle, config, *, labelled: bool):
         assert 0 <= batch["labels"].min() and batch["labels"].max() < bundle.info["num_classes"]
     assert len(bundle.val_batches) == config.val_batches
     assert bundle.val_batches[0]["waveform"].shape == (config.batch_size, window)
-    assert bundle.model_overrides["vocab_size"] == config.mu + 1
-    assert bundle.sample_kind == "audio" and bundle.info["sample_rate"] == config.sample_rate
-    audio = bundle.decode(batch["waveform"][0])
+    assert bundle.codec.model_fields()["vocab_size"] == config.mu + 1
+    assert bundle.codec.kind == "audio" and bundle.info["sample_rate"] == config.sample_rate
+    audio = bundle.codec.decode(batch["waveform"][0])
     assert audio.dtype == np.float32 and np.abs(audio).max() <= 1.0
     return batch
 
@@ -164,13 +164,13 @@ def test_synthetic_source():
     config = AudioDataConfig(sequence_length=500, batch_size=4, val_batches=2, label_from="pitch")
     bundle = build_data(config)
     check_bundle(bundle, config, labelled=True)
-    assert bundle.info["label_names"][0] == "C" and bundle.model_overrides["num_classes"] == 12
+    assert bundle.info["label_names"][0] == "C" and bundle.codec.model_fields()["num_classes"] == 12
     # Not silence: real tones (the μ-law codes spread well beyond the middle).
     assert np.std(bundle.val_batches[0]["waveform"]) > 10
     unlabelled = AudioDataConfig(sequence_length=100, batch_size=2)
     bundle = build_data(unlabelled)
     check_bundle(bundle, unlabelled, labelled=False)
-    assert bundle.model_overrides == {"vocab_size": 256}
+    assert bundle.codec.model_fields() == {"vocab_size": 256}
 
 
 def test_train_iterator_is_seeded_and_checkpointable():
@@ -268,6 +268,6 @@ def test_fsdd_official_split(shared_data):
     check_bundle(bundle, config, labelled=True)
     assert (bundle.info["train_clips"], bundle.info["val_clips"]) == (2700, 300)
     assert bundle.info["label_names"] == [str(d) for d in range(10)]
-    assert bundle.model_overrides == {"vocab_size": 256, "num_classes": 10}
+    assert bundle.codec.model_fields() == {"vocab_size": 256, "num_classes": 10}
     assert math.isclose(bundle.info["train_seconds"] + bundle.info["val_seconds"],
                         21.9 * 60, rel_tol=0.01)  # SOURCE.txt: 21.9 minutes in all

@@ -88,12 +88,12 @@ def test_digits_bundle():
     assert batch["labels"].shape == (8,) and batch["labels"].dtype == np.int32
     assert 0 <= batch["images"].min() and batch["images"].max() <= 16
     assert set(np.unique(batch["labels"])) <= set(range(10))
-    assert bundle.model_overrides == {"image_shape": (8, 8, 1), "num_levels": 17}
-    assert "num_classes" not in bundle.model_overrides  # conditioning is the user's choice
-    assert bundle.info["num_classes"] == 10 and bundle.sample_kind == "image"
+    assert bundle.codec.model_fields() == {"image_shape": (8, 8, 1), "num_levels": 17}
+    assert "num_classes" not in bundle.codec.model_fields()  # conditioning is the user's choice
+    assert bundle.info["num_classes"] == 10 and bundle.codec.kind == "image"
     assert bundle.info["train_images"] + bundle.info["val_images"] == 1797
     assert len(bundle.val_batches) == 3
-    decoded = bundle.decode(batch["images"][0])
+    decoded = bundle.codec.decode(batch["images"][0])
     assert decoded.dtype == np.uint8 and decoded.shape == (8, 8, 1)
     np.testing.assert_array_equal(decoded, np.rint(batch["images"][0] * 255 / 16))
 
@@ -161,7 +161,7 @@ def test_digits_requantised():
     bundle = build_image_data(ImageDataConfig(batch_size=8, num_levels=2))
     images = np.concatenate([b["images"] for b in bundle.val_batches])
     assert set(np.unique(images)) == {0, 1}
-    assert bundle.model_overrides["num_levels"] == 2
+    assert bundle.codec.model_fields()["num_levels"] == 2
 
 
 # ----------------------------------------------------------------------------- files in tmp
@@ -197,7 +197,7 @@ def test_cifar10_from_fake_pickle_batches(tmp_path):
             pickle.dump({b"data": rows, b"labels": list(range(len(rows)))}, f)
     bundle = build_image_data(ImageDataConfig(source="cifar10", path=str(tmp_path),
                                               batch_size=2, val_batches=1))
-    assert bundle.model_overrides == {"image_shape": (32, 32, 3), "num_levels": 256}
+    assert bundle.codec.model_fields() == {"image_shape": (32, 32, 3), "num_levels": 256}
     val = bundle.val_batches[0]
     for img, label in zip(val["images"], val["labels"], strict=True):
         row = data[4 + label]  # 1024 red, then 1024 green, then 1024 blue, row-major
@@ -240,7 +240,7 @@ def test_image_folder_with_classes_and_resizing(tmp_path):
             Image.fromarray(grey).save(tmp_path / cls / f"{i}.png")
     bundle = build_image_data(ImageDataConfig(source="image_folder", path=str(tmp_path),
                                               batch_size=2, val_batches=1))
-    assert bundle.model_overrides["image_shape"] == (6, 7, 1)  # grey PNGs: one channel
+    assert bundle.codec.model_fields()["image_shape"] == (6, 7, 1)  # grey PNGs: one channel
     assert bundle.info["num_classes"] == 2 and bundle.info["class_names"] == ["cat", "dog"]
     batch = next(bundle.train)
     for img, label in zip(batch["images"], batch["labels"], strict=True):
@@ -249,7 +249,7 @@ def test_image_folder_with_classes_and_resizing(tmp_path):
                    folder.iterdir())
     resized = build_image_data(ImageDataConfig(source="image_folder", path=str(tmp_path),
                                                batch_size=2, image_size=(4, 5)))
-    assert resized.model_overrides["image_shape"] == (4, 5, 1)
+    assert resized.codec.model_fields()["image_shape"] == (4, 5, 1)
 
 
 def test_image_folder_colour_flat_and_errors(tmp_path):
@@ -283,19 +283,19 @@ def test_too_few_images_for_a_batch(tmp_path):
 def test_encode_reads_an_image_as_the_model_sees_it(tmp_path):
     digits = build_image_data(ImageDataConfig(batch_size=8, val_batches=1))  # 8x8x1, 17 levels
     levels = next(digits.train)["images"][0]
-    Image.fromarray(digits.decode(levels)[..., 0]).save(tmp_path / "sample.png")
+    Image.fromarray(digits.codec.decode(levels)[..., 0]).save(tmp_path / "sample.png")
     # a saved sample reads back as the levels it was made of
-    np.testing.assert_array_equal(digits.encode(str(tmp_path / "sample.png")), levels)
+    np.testing.assert_array_equal(digits.codec.encode(str(tmp_path / "sample.png")), levels)
     # a colour image of another size: resized, grey by luminance (ITU-R 601-2, PIL's "L"),
     # requantised: (200 * 299 + 100 * 587 + 50 * 114) / 1000 = 124 -> 124 * 17 // 256 = 8
     Image.fromarray(np.full((20, 12, 3), (200, 100, 50), np.uint8)).save(tmp_path / "c.png")
-    encoded = digits.encode(str(tmp_path / "c.png"))
+    encoded = digits.codec.encode(str(tmp_path / "c.png"))
     assert encoded.shape == (8, 8, 1) and np.all(encoded == 8)
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(ValueError, match="not a readable PNG/JPEG image"):
-        digits.encode(str(tmp_path / "text.png"))
+        digits.codec.encode(str(tmp_path / "text.png"))
     with pytest.raises(ValueError, match="does not exist"):
-        digits.encode(str(tmp_path / "missing.png"))
+        digits.codec.encode(str(tmp_path / "missing.png"))
 
 
 def test_inpainting_masks(tmp_path):
@@ -340,7 +340,7 @@ def test_shared_mnist():
     batch = next(bundle.train)
     assert batch["images"].shape == (16, 28, 28, 1) and batch["images"].max() <= 255
     assert bundle.info["train_images"] + bundle.info["val_images"] in (10_000, 70_000)
-    assert bundle.model_overrides == {"image_shape": (28, 28, 1), "num_levels": 256}
+    assert bundle.codec.model_fields() == {"image_shape": (28, 28, 1), "num_levels": 256}
     assert 0.1 < batch["images"].mean() / 255 < 0.2  # MNIST's mean pixel is about 0.13
 
 
@@ -352,7 +352,7 @@ def test_shared_binarized_mnist_default_path():
     assert batch["images"].shape == (16, 28, 28, 1) and "labels" not in batch
     assert set(np.unique(batch["images"])) == {0, 1}
     assert bundle.info["train_images"] == 50_000 and bundle.info["val_images"] == 10_000
-    assert bundle.model_overrides == {"image_shape": (28, 28, 1), "num_levels": 2}
+    assert bundle.codec.model_fields() == {"image_shape": (28, 28, 1), "num_levels": 2}
 
 
 def test_worker_processes_give_the_same_checkpointable_stream():

@@ -162,12 +162,12 @@ def test_yaml_files_fit_the_schema(monkeypatch):
 def test_bundle_and_windows(corpus_file):
     cfg = _config(corpus_file)
     bundle = build_data(cfg)
-    assert isinstance(bundle, DataBundle) and bundle.sample_kind == "text"
+    assert isinstance(bundle, DataBundle) and bundle.codec.kind == "text"
     text = corpus_file.read_text()
     n_train = int(len(text) * 0.9)
-    train_tokens = bundle.encode(text[:n_train])
+    train_tokens = bundle.codec.encode(text[:n_train])
     vocab = len(set(text))
-    assert bundle.model_overrides == {"vocab_size": vocab}
+    assert bundle.codec.model_fields() == {"vocab_size": vocab}
     assert bundle.metric_scales == {"bits_per_char": 1.0}
     assert bundle.info["train_tokens"] == n_train
     assert bundle.info["val_tokens"] == len(text) - n_train
@@ -180,7 +180,7 @@ def test_bundle_and_windows(corpus_file):
     # Uniform offsets over the whole train split, not a fixed few.
     assert len(set(offsets)) > 70
     assert min(offsets) < n_train // 4 and max(offsets) > 3 * n_train // 4
-    assert bundle.decode(batches[0][0]) == text[offsets[0]:offsets[0] + 17]
+    assert bundle.codec.decode(batches[0][0]) == text[offsets[0]:offsets[0] + 17]
 
 
 def test_seeds(corpus_file):
@@ -277,12 +277,12 @@ def test_missing_and_empty_paths(tmp_path):
 def test_a_resumed_run_keeps_its_saved_tokenizer(corpus_file):
     bundle = build_data(_config(corpus_file))
     saved = load_codec(bundle.codec.to_json())  # as run.json keeps it
-    assert saved.model_fields() == bundle.model_overrides
+    assert saved.model_fields() == bundle.codec.model_fields()
     # A run with a (different) saved tokenizer: it is used, not refitted.
     bigger = TextCodec(fit_tokenizer("char", corpus_file.read_text() + "XYZ"))
     reused = build_data(_config(corpus_file), codec=load_codec(bigger.to_json()))
-    assert reused.model_overrides["vocab_size"] == bundle.model_overrides["vocab_size"] + 3
-    assert reused.decode(reused.encode("XYZ")) == "XYZ"
+    assert reused.codec.model_fields()["vocab_size"] == bundle.codec.model_fields()["vocab_size"] + 3
+    assert reused.codec.decode(reused.codec.encode("XYZ")) == "XYZ"
     with pytest.raises(ValueError, match="holds a 'char' tokenizer but data.tokenizer='byte'"):
         build_data(_config(corpus_file, tokenizer="byte"), codec=bigger)
 
@@ -294,9 +294,9 @@ def test_subword_tokenizers(tmp_path, kind):
     path.write_text(text, encoding="utf-8")
     cfg = _config(path, tokenizer=kind, bpe_vocab_size=400)
     bundle = build_data(cfg)
-    vocab = bundle.model_overrides["vocab_size"]
+    vocab = bundle.codec.model_fields()["vocab_size"]
     train_text = text[:int(len(text) * 0.9)]
-    ratio = len(bundle.encode(train_text)) / len(train_text)
+    ratio = len(bundle.codec.encode(train_text)) / len(train_text)
     assert bundle.metric_scales["bits_per_char"] == pytest.approx(ratio)
     if kind == "byte":
         assert vocab == 256 and ratio == len(train_text.encode()) / len(train_text) > 1
@@ -304,7 +304,7 @@ def test_subword_tokenizers(tmp_path, kind):
         assert 256 < vocab <= 400 and ratio < 1
     for b in _take(bundle.train, 5) + [v["sequences"] for v in bundle.val_batches]:
         assert b.dtype == np.int32 and b.min() >= 0 and b.max() < vocab
-    assert bundle.decode(bundle.encode(text[:500])) == text[:500]
+    assert bundle.codec.decode(bundle.codec.encode(text[:500])) == text[:500]
 
 
 def test_validation_bits_per_char_count_the_validation_characters(tmp_path):
@@ -318,7 +318,7 @@ def test_validation_bits_per_char_count_the_validation_characters(tmp_path):
     bundle = build_data(_config(path, tokenizer="bpe", bpe_vocab_size=300,
                                 val_fraction=len(val) / len(train + val), val_batches=4))
     scored = [row[1:] for b in bundle.val_batches for row in b["sequences"]]
-    chars = sum(len(bundle.decode(row)) for row in scored)
+    chars = sum(len(bundle.codec.decode(row)) for row in scored)
     expected = sum(len(row) for row in scored) / chars
     assert bundle.val_metric_scales["bits_per_char"] == pytest.approx(expected)
     assert bundle.metric_scales["bits_per_char"] < 0.5 < expected  # dense train, sparse val
@@ -331,7 +331,7 @@ def test_tinyshakespeare(monkeypatch):
     cfg = dataclasses.replace(_yaml_config("tinyshakespeare"), sequence_length=64, batch_size=12)
     assert Path(cfg.path).resolve() == TINY_SHAKESPEARE.resolve()
     bundle = build_data(cfg)
-    assert bundle.model_overrides == {"vocab_size": 65}
+    assert bundle.codec.model_fields() == {"vocab_size": 65}
     assert bundle.info["train_chars"] == 1_003_854
     batch = next(bundle.train)["sequences"]
     assert batch.shape == (12, 65) and batch.max() < 65

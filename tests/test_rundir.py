@@ -17,6 +17,7 @@ from chainrule.cli import CONF_DIR
 from chainrule.cli.schemas import register_configs
 from chainrule.config import resolve
 from chainrule.data.audio import AudioCodec
+from chainrule.data.base import load_codec
 from chainrule.data.images import ImageCodec
 from chainrule.data.text import TextCodec
 from chainrule.data.tokenizers import load_tokenizer
@@ -93,7 +94,9 @@ def test_a_run_samples_with_its_training_data_moved_away(family, tmp_path, monke
     train(cfg, run_dir)
     record = json.loads((run_dir / RunDir.RUN_FILE).read_text())
     assert record["format"] == FORMAT_VERSION and record["family"] == family
-    assert record["model"]["config"].get("vocab_size", 0) is not None  # completed by the data
+    fields = load_codec(record["codec"]).model_fields()  # what the data decided is recorded
+    assert fields and all(record["model"]["config"][k] == list(v) if isinstance(v, tuple)
+                          else record["model"]["config"][k] == v for k, v in fields.items())
 
     shutil.move(data_dir, tmp_path / "moved")
     monkeypatch.setattr(restore, "build_data", no_data_pipeline)

@@ -58,9 +58,6 @@ class RunDir:
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
 
-    def __fspath__(self) -> str:
-        return str(self.path)
-
     @property
     def run_file(self) -> Path:
         return self.path / self.RUN_FILE
@@ -80,10 +77,6 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.path / self.SAMPLES
-
-    @property
-    def failed(self) -> Path:
-        return self.path / self.FAILED
 
     @property
     def legacy_tokenizer(self) -> Path:

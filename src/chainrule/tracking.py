@@ -208,7 +208,8 @@ class Tracker:
                  run_id: str | None = None, is_main_process: bool = True,
                  resume: bool = False):
         self.run_dir = Path(run_dir)
-        self.samples_dir = RunDir(self.run_dir).samples
+        self.layout = RunDir(self.run_dir)
+        self.samples_dir = self.layout.samples
         self.logger = logger
         self.is_main_process = is_main_process
         self.run_id: str | None = run_id
@@ -220,7 +221,7 @@ class Tracker:
             return
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(RunDir(self.run_dir).curves, "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = open(self.layout.curves, "a", encoding="utf-8")  # noqa: SIM115
         if logger.backend == "wandb":
             if resume and run_id is None:
                 print("[tracking] resuming without a saved W&B run id: starting a new W&B run")
@@ -256,7 +257,7 @@ class Tracker:
 
     def summary(self, results: Mapping[str, Any]) -> Path:
         """Write results to run_dir/metrics.json and into the W&B run summary."""
-        path = RunDir(self.run_dir).metrics
+        path = self.layout.metrics
         if not self.is_main_process:
             return path
         self._check_open()

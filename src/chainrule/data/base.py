@@ -120,22 +120,6 @@ class DataBundle:
     val_metric_scales: dict[str, float] | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    @property
-    def model_overrides(self) -> dict[str, Any]:
-        return self.codec.model_fields()
-
-    @property
-    def sample_kind(self) -> str:
-        return self.codec.kind
-
-    @property
-    def decode(self) -> Callable[[np.ndarray], Any]:
-        return self.codec.decode
-
-    @property
-    def encode(self) -> Callable[[str], np.ndarray]:
-        return self.codec.encode
-
 
 def register_data(name: str, config_type: type) -> Callable[[Callable], Callable]:
     """Decorator: `@register_data("text", TextDataConfig) def build_text(config, *, codec, ...)`

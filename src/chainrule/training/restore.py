@@ -20,7 +20,7 @@ import jax
 from flax import nnx
 
 from chainrule.checkpoint import Checkpointer, read_meta
-from chainrule.config import from_dict, schema_type, to_dict
+from chainrule.config import from_dict, to_dict
 from chainrule.data.base import Codec, build_data, load_codec
 from chainrule.data.text import TextCodec
 from chainrule.data.tokenizers import load_tokenizer
@@ -112,8 +112,7 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     """
     run_dir = RunDir.existing(run_dir)
     record = read_record(run_dir)
-    model_type = schema_type(record["model"]["type"])
-    model_config = from_dict(model_type.__name__, record["model"]["config"])
+    model_config = from_dict(record["model"]["type"], record["model"]["config"])
     codec = load_codec(record["codec"])
     saved = record["config"]
     # The optimizer's state is part of the checkpoint's tree: build it to restore into.
