@@ -91,21 +91,26 @@ def test_digits_bundle():
     assert bundle.codec.model_fields() == {"image_shape": (8, 8, 1), "num_levels": 17}
     assert "num_classes" not in bundle.codec.model_fields()  # conditioning is the user's choice
     assert bundle.info["num_classes"] == 10 and bundle.codec.kind == "image"
-    assert bundle.info["train_images"] + bundle.info["val_images"] == 1797
+    assert (bundle.info["train_images"], bundle.info["val_images"],
+            bundle.info["test_images"]) == (1437, 180, 180)
     assert len(bundle.val_batches) == 3
     decoded = bundle.codec.decode(batch["images"][0])
     assert decoded.dtype == np.uint8 and decoded.shape == (8, 8, 1)
     np.testing.assert_array_equal(decoded, np.rint(batch["images"][0] * 255 / 16))
 
-    # The validation batches are fixed (whatever the seed) and come from the last 20%.
+    # The validation batches are fixed (whatever the seed) and come from the validation 10%
+    # of a fixed permutation; no batch holds a test image.
     again = build_image_data(ImageDataConfig(batch_size=8, val_batches=3, seed=5))
     for a, b in zip(bundle.val_batches, again.val_batches, strict=True):
         np.testing.assert_array_equal(a["images"], b["images"])
     from sklearn.datasets import load_digits
 
-    all_images = load_digits().images.astype(np.int32)
-    val_rows = {img.tobytes() for img in all_images[1438:]}
+    all_images = load_digits().images.astype(np.int32)[np.random.default_rng(0).permutation(1797)]
+    val_rows = {img.tobytes() for img in all_images[1437:1617]}
+    test_rows = {img.tobytes() for img in all_images[1617:]} - val_rows
     assert all(img[..., 0].tobytes() in val_rows for img in bundle.val_batches[0]["images"])
+    trained = np.concatenate([b["images"] for b in take(bundle.train, 200)])
+    assert not {img[..., 0].tobytes() for img in trained} & test_rows
 
 
 def test_train_stream_is_seeded_shuffled_and_checkpointable():
@@ -130,12 +135,13 @@ def test_train_stream_is_seeded_shuffled_and_checkpointable():
 
 
 def test_one_epoch_visits_every_train_image_once():
-    bundle = build_image_data(ImageDataConfig(batch_size=2, num_levels=17))
-    n = bundle.info["train_images"]  # 1438: the stream's first n images are a permutation
-    seen = np.concatenate([b["images"] for b in take(bundle.train, n // 2)])
+    bundle = build_image_data(ImageDataConfig(batch_size=3, num_levels=17))
+    n = bundle.info["train_images"]  # 1437: the stream's first n images are a permutation
+    seen = np.concatenate([b["images"] for b in take(bundle.train, n // 3)])
     from sklearn.datasets import load_digits
 
-    train = load_digits().images[:n].astype(np.int32).reshape(n, -1)
+    order = np.random.default_rng(0).permutation(1797)[:n]
+    train = load_digits().images[order].astype(np.int32).reshape(n, -1)
     assert sorted(map(bytes, seen.reshape(n, -1))) == sorted(map(bytes, train))
 
 
@@ -168,22 +174,25 @@ def test_digits_requantised():
 
 
 def test_idx_reader_and_mnist_folder(tmp_path):
-    images = np.arange(10 * 28 * 28).reshape(10, 28, 28) % 256
-    labels = np.arange(10) % 10
+    images = np.arange(20 * 28 * 28).reshape(20, 28, 28) % 256
+    labels = np.arange(20)  # label i <-> image i
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
     np.testing.assert_array_equal(read_idx(tmp_path / "t10k-images-idx3-ubyte.gz"), images)
     bundle = build_image_data(ImageDataConfig(source="mnist", path=str(tmp_path), batch_size=2,
                                               val_batches=1))
-    assert bundle.info["train_images"] == 8 and bundle.info["val_images"] == 2  # t10k split
+    assert (bundle.info["train_images"], bundle.info["val_images"],
+            bundle.info["test_images"]) == (16, 2, 2)  # t10k divided 80/10/10
     val = bundle.val_batches[0]
     for img, label in zip(val["images"], val["labels"], strict=True):
-        np.testing.assert_array_equal(img[..., 0], images[label])  # label i <-> image i
-    # With train files present they are the train split and t10k is validation.
-    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images[:6])
-    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels[:6])
+        np.testing.assert_array_equal(img[..., 0], images[label])
+        assert label in (16, 17)
+    # With train files present, their last part validates and t10k is the test split.
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
     bundle = build_image_data(ImageDataConfig(source="mnist", path=str(tmp_path), batch_size=2))
-    assert bundle.info["train_images"] == 6 and bundle.info["val_images"] == 10
+    assert (bundle.info["train_images"], bundle.info["val_images"],
+            bundle.info["test_images"]) == (18, 2, 20)
     (tmp_path / "bad.gz").write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + bytes(8)))
     with pytest.raises(ValueError, match="not a uint8 IDX"):
         read_idx(tmp_path / "bad.gz")
@@ -191,16 +200,20 @@ def test_idx_reader_and_mnist_folder(tmp_path):
 
 def test_cifar10_from_fake_pickle_batches(tmp_path):
     rng = np.random.default_rng(0)
-    data = rng.integers(0, 256, (6, 3072), dtype=np.uint8)
-    for name, rows in (("data_batch_1", data[:4]), ("test_batch", data[4:])):
+    data = rng.integers(0, 256, (26, 3072), dtype=np.uint8)
+    for name, rows in (("data_batch_1", data[:20]), ("test_batch", data[20:])):
         with open(tmp_path / name, "wb") as f:  # the CIFAR-10 python format is a pickle
             pickle.dump({b"data": rows, b"labels": list(range(len(rows)))}, f)
     bundle = build_image_data(ImageDataConfig(source="cifar10", path=str(tmp_path),
                                               batch_size=2, val_batches=1))
     assert bundle.codec.model_fields() == {"image_shape": (32, 32, 3), "num_levels": 256}
+    # Validation: the last tenth of the training batches; test_batch is the test split.
+    assert (bundle.info["train_images"], bundle.info["val_images"],
+            bundle.info["test_images"]) == (18, 2, 6)
     val = bundle.val_batches[0]
     for img, label in zip(val["images"], val["labels"], strict=True):
-        row = data[4 + label]  # 1024 red, then 1024 green, then 1024 blue, row-major
+        assert label in (18, 19)
+        row = data[label]  # 1024 red, then 1024 green, then 1024 blue, row-major
         np.testing.assert_array_equal(img[..., 0], row[:1024].reshape(32, 32))
         np.testing.assert_array_equal(img[..., 2], row[2048:].reshape(32, 32))
     assert next(bundle.train)["images"].shape == (2, 32, 32, 3)
@@ -235,7 +248,7 @@ def test_image_folder_with_classes_and_resizing(tmp_path):
     rng = np.random.default_rng(0)
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
-        for i in range(5):
+        for i in range(10):  # 20 images: 16 train, 2 validation, 2 test
             grey = rng.integers(0, 256, (6, 7), dtype=np.uint8)
             Image.fromarray(grey).save(tmp_path / cls / f"{i}.png")
     bundle = build_image_data(ImageDataConfig(source="image_folder", path=str(tmp_path),
@@ -273,7 +286,7 @@ def test_image_folder_colour_flat_and_errors(tmp_path):
 
 
 def test_too_few_images_for_a_batch(tmp_path):
-    for i in range(3):
+    for i in range(5):  # 3 train, 1 validation, 1 test
         Image.fromarray(np.full((4, 4), i, np.uint8)).save(tmp_path / f"{i}.png")
     with pytest.raises(ValueError, match="validation split has 1 images"):
         build_image_data(ImageDataConfig(source="image_folder", path=str(tmp_path),
@@ -339,7 +352,8 @@ def test_shared_mnist():
                                               batch_size=16, val_batches=2))
     batch = next(bundle.train)
     assert batch["images"].shape == (16, 28, 28, 1) and batch["images"].max() <= 255
-    assert bundle.info["train_images"] + bundle.info["val_images"] in (10_000, 70_000)
+    counts = tuple(bundle.info[f"{s}_images"] for s in ("train", "val", "test"))
+    assert counts in ((8000, 1000, 1000), (50_000, 10_000, 10_000))
     assert bundle.codec.model_fields() == {"image_shape": (28, 28, 1), "num_levels": 256}
     assert 0.1 < batch["images"].mean() / 255 < 0.2  # MNIST's mean pixel is about 0.13
 

@@ -15,6 +15,7 @@ from chainrule.data.text import (
     _play_markdown_to_text,
     read_text_path,
     shakespeare_text,
+    split_text,
 )
 from chainrule.data.tokenizers import fit_tokenizer
 
@@ -43,8 +44,9 @@ def corpus_file(tmp_path):
 
 
 def _config(path, **kw) -> TextDataConfig:
+    # nanoGPT's split (the last 10% validates, no test part) unless a test says otherwise
     base = dict(source="text_file", path=str(path), sequence_length=16, batch_size=4,
-                val_batches=3, prefetch=0)
+                val_batches=3, prefetch=0, val_fraction=0.1, test_fraction=0.0)
     return TextDataConfig(**{**base, **kw})
 
 
@@ -335,3 +337,17 @@ def test_tinyshakespeare(monkeypatch):
     assert bundle.info["train_chars"] == 1_003_854
     batch = next(bundle.train)["sequences"]
     assert batch.shape == (12, 65) and batch.max() < 65
+
+
+def test_train_validation_and_test_parts_are_disjoint_and_in_order(corpus_file):
+    text = corpus_file.read_text()
+    parts = split_text(text, 0.1, 0.05)
+    assert "".join(parts[k] for k in ("train", "val", "test")) == text
+    assert len(parts["test"]) == len(text) - int(len(text) * 0.95)
+    assert len(parts["val"]) == int(len(text) * 0.95) - int(len(text) * 0.85)
+    # Training and validation never see the test part.
+    bundle = build_data(_config(corpus_file, val_fraction=0.1, test_fraction=0.05))
+    assert bundle.info["train_chars"] + bundle.info["val_chars"] == int(len(text) * 0.95)
+    assert split_text(text, 0.1, 0.0)["test"] == ""
+    with pytest.raises(ValueError, match="data.test_fraction=0.9: expected a value in"):
+        _config(corpus_file, test_fraction=0.9)

@@ -2,18 +2,20 @@
 
 Sources (`source=`):
   synthetic   needs no download. A fixed set of procedurally generated "note" clips (the same
-              for every seed; the seed only drives crop order and positions): 256 train and 32
-              validation clips of max(1 s, sequence_length + 1 samples). Each clip has one
+              for every seed; the seed only drives crop order and positions): 256 train, 32
+              validation and 32 test clips of max(1 s, sequence_length + 1 samples). Each clip has one
               pitch class, its label (12 classes, "C" .. "B"): a run of back-to-back notes of
               0.12-0.4 s, each in a random octave (MIDI octaves 3-5, 131-988 Hz) with 1-4
               harmonics below 0.45 x the sample rate (amplitude ~ 1/h, randomly jittered), a
               5 ms linear attack, an exponential decay (time constant 0.05-0.3 s) and a random
               peak of 0.3-0.9, plus white noise of standard deviation 0.01, clipped to [-1, 1].
               Labels with `label_from="pitch"`.
-  wav_folder  every *.wav under `path` (recursive). Validation: the files whose name's CRC32 is
-              0 mod 10 (at least one; with a single file, its last 10 %).
+  wav_folder  every *.wav under `path` (recursive). Test: the files whose name's CRC32 is 0 mod
+              10, validation: 1 mod 10 (with fewer than 3 files, or a split left empty, every
+              file's first 80% trains, the next 10% validates, the last 10% tests).
   fsdd        the Free Spoken Digit Dataset, `{digit}_{speaker}_{index}.wav`, 8 kHz; its
-              official split: takes 0-4 are validation, 5-49 train.
+              official split: takes 0-4 are test; takes 5-9 validation, 10-49 train.
+Training never reads the test split; `evaluate.py split=test` scores it.
 
 WAV files are read with the stdlib `wave` module: PCM with 8 (unsigned), 16, 24 or 32-bit
 samples, any number of channels (averaged to mono), any rate (polyphase resampled to
@@ -57,7 +59,8 @@ SOURCES = ("synthetic", "wav_folder", "fsdd")
 DEFAULT_FSDD_PATH = "../shared/data/fsdd/recordings"
 LABEL_KEYWORDS = {"digit": 0, "speaker": 1}  # fields of FSDD file names
 PITCH_CLASSES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
-SYNTHETIC_CLIPS = {"train": (256, 0), "val": (32, 1)}  # (count, generator seed)
+SYNTHETIC_CLIPS = {"train": (256, 0), "val": (32, 1), "test": (32, 2)}  # (count, generator seed)
+SPLITS = ("train", "val", "test")
 _REPO = Path(__file__).resolve().parents[3]
 
 # ----------------------------------------------------------------------------- μ-law
@@ -293,18 +296,33 @@ def _wav_files(config: AudioDataConfig) -> tuple[Path, list[Path]]:
     return folder, files
 
 
-def _is_validation(path: Path, source: str) -> bool:
+def _file_split(path: Path, source: str) -> str:
+    """"train", "val" or "test" for one file of the folder."""
     if source == "fsdd":
         fields = path.stem.split("_")
         if len(fields) != 3 or not fields[2].isdigit():
             raise ValueError(f"{path}: FSDD files are named {{digit}}_{{speaker}}_{{index}}.wav")
-        return int(fields[2]) < 5  # the official test split
-    return zlib.crc32(path.name.encode()) % 10 == 0
+        take = int(fields[2])
+        return "test" if take < 5 else "val" if take < 10 else "train"  # 0-4: official test
+    bucket = zlib.crc32(path.name.encode()) % 10
+    return "test" if bucket == 0 else "val" if bucket == 1 else "train"
+
+
+def _cut_each(audio: list[np.ndarray]) -> list[tuple[np.ndarray, str]]:
+    """Every clip's first 80% for train, next 10% validation, last 10% test."""
+    pieces = []
+    for codes in audio:
+        a, b = len(codes) * 8 // 10, len(codes) * 9 // 10
+        if not 0 < a < b < len(codes):
+            raise ValueError(f"a clip of {len(codes)} samples is too short to cut into train, "
+                             "validation and test parts")
+        pieces += [(codes[:a], "train"), (codes[a:b], "val"), (codes[b:], "test")]
+    return pieces
 
 
 def _wav_clips(config: AudioDataConfig) -> tuple[dict[str, Clips], list[str] | None]:
     folder, files = _wav_files(config)
-    names = None
+    names = [None] * len(files)
     if config.label_from:
         parse = _label_parser(config.label_from)
         names = [parse(p) for p in files]
@@ -312,28 +330,25 @@ def _wav_clips(config: AudioDataConfig) -> tuple[dict[str, Clips], list[str] | N
             if not name:
                 raise ValueError(f"{p}: no label from label_from={config.label_from!r}")
     audio = [mu_law_encode(read_audio(p, config.sample_rate), config.mu) for p in files]
-    in_val = [_is_validation(p, config.source) for p in files]
-    if len(files) == 1:  # one long recording: its last tenth is the validation clip
-        cut = max(1, len(audio[0]) * 9 // 10)
-        audio, in_val = [audio[0][:cut], audio[0][cut:]], [False, True]
-        names = None if names is None else names * 2
-        if len(audio[1]) == 0:
-            raise ValueError(f"{files[0]} is too short to split into train and validation")
-    elif not any(in_val) or all(in_val):  # small folders: hold out one file
-        in_val = [i == 0 for i in range(len(files))]
-    label_names = None if names is None else _sorted_names(names)
-    ids = None if names is None else np.array([label_names.index(n) for n in names], np.int32)
+    where = [_file_split(p, config.source) for p in files]
+    if len(files) < 3 or set(where) != set(SPLITS):  # small folders: cut every recording
+        pieces = _cut_each(audio)
+        names = [n for n in names for _ in range(3)]
+    else:
+        pieces = list(zip(audio, where, strict=True))
+    label_names = None if not config.label_from else _sorted_names(names)
     dtype = _code_dtype(config.mu)
     splits = {}
-    for split, want in (("train", False), ("val", True)):
-        keep = [i for i, v in enumerate(in_val) if v == want]
-        splits[split] = Clips([audio[i].astype(dtype) for i in keep],
-                              None if ids is None else ids[keep])
+    for split in SPLITS:
+        keep = [i for i, (_, s) in enumerate(pieces) if s == split]
+        ids = (None if label_names is None
+               else np.array([label_names.index(names[i]) for i in keep], np.int32))
+        splits[split] = Clips([pieces[i][0].astype(dtype) for i in keep], ids)
     return splits, label_names
 
 
 def load_clips(config: AudioDataConfig) -> tuple[dict[str, Clips], list[str] | None]:
-    """{"train": Clips, "val": Clips} and the label names (None without labels)."""
+    """{"train", "val", "test"}: Clips, and the label names (None without labels)."""
     return _synthetic(config) if config.source == "synthetic" else _wav_clips(config)
 
 
@@ -437,8 +452,8 @@ def build_audio_data(config: AudioDataConfig, *, codec: Codec | None = None,
                      process_index: int = 0, process_count: int = 1) -> DataBundle:
     del codec  # nothing is fitted to the data
     splits, label_names = load_clips(config)
-    for split, clips in splits.items():
-        if not clips.codes:
+    for split in ("train", "val"):  # (training never reads the test split)
+        if not splits[split].codes:
             raise ValueError(f"the {split} split of source={config.source!r} has no clips")
     window = config.sequence_length + 1
     silence = int(mu_law_encode(np.zeros(1), config.mu)[0])
@@ -461,8 +476,10 @@ def build_audio_data(config: AudioDataConfig, *, codec: Codec | None = None,
             "silence_code": silence,
             "train_clips": len(splits["train"].codes),
             "val_clips": len(splits["val"].codes),
+            "test_clips": len(splits["test"].codes),
             "train_seconds": seconds["train"],
             "val_seconds": seconds["val"],
+            "test_seconds": seconds["test"],
             "label_from": config.label_from,
             "num_classes": None if label_names is None else len(label_names),
             "label_names": label_names,

@@ -1,18 +1,22 @@
 """Images for PixelCNN: sources, the `ImageDataConfig` schema and its Grain pipeline.
 
-Every source becomes integer levels [N, H, W, C] (plus int labels where it has them) with a
-train and a validation split:
+Every source becomes integer levels [N, H, W, C] (plus int labels where it has them) in three
+splits, train, validation and test; training never reads the test split (`evaluate.py split=test`
+scores it):
 
-  digits           sklearn's 8x8 digits (embedded, no download), 17 levels, 10 classes;
-                   the last 20% (in the file's order) is validation.
-  mnist            IDX .gz files in a folder, 256 levels, 10 classes; validation = t10k. Without
-                   train-images-idx3-ubyte.gz (../shared/data/mnist has only the t10k images) the
-                   10k t10k set is split: first 8,000 train, last 2,000 validation.
-  binarized_mnist  the Larochelle & Murray .npz (train 50k / valid 10k, 784 uint8 {0, 1} rows),
-                   2 levels; its train and valid rows have no labels, so batches carry none.
-  cifar10          the python-pickle batches (data_batch_1..5, test_batch), 32x32x3, 256 levels.
+  digits           sklearn's 8x8 digits (embedded, no download), 17 levels, 10 classes; a fixed
+                   seeded permutation: 80% train / 10% validation / 10% test.
+  mnist            IDX .gz files in a folder, 256 levels, 10 classes; test = t10k, validation = the
+                   last 10,000 training images. Without train-images-idx3-ubyte.gz
+                   (../shared/data/mnist has only the t10k images) the 10k t10k set is divided:
+                   first 8,000 train, next 1,000 validation, last 1,000 test (not the papers' test).
+  binarized_mnist  the Larochelle & Murray .npz (train 50k / valid 10k / test 10k, 784 uint8
+                   {0, 1} rows), 2 levels; its train and valid rows have no labels, so batches
+                   carry none.
+  cifar10          the python-pickle batches, 32x32x3, 256 levels: test = test_batch, validation =
+                   the last 5,000 images of data_batch_1..5.
   image_folder     PNG/JPEG files (PIL); class = sub-folder name when there are sub-folders;
-                   grey when every image is grey, else RGB; a fixed 20% is validation.
+                   grey when every image is grey, else RGB; a fixed permutation, 80/10/10.
 
 `num_levels` below a source's native count requantises (level v -> v * L // native), e.g.
 binarising 8-bit MNIST with num_levels=2.
@@ -48,7 +52,8 @@ NATIVE_LEVELS = {"digits": 17, "mnist": 256, "binarized_mnist": 2, "cifar10": 25
                  "image_folder": 256}
 DEFAULT_PATHS = {"mnist": "../shared/data/mnist",
                  "binarized_mnist": "../shared/data/binarized_mnist/binarized_mnist.npz"}
-VAL_FRACTION = 0.2  # for sources without an official validation split
+SPLITS = ("train", "val", "test")
+HELD_OUT = 0.1  # validation and test fractions, each, for sources without official splits
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
@@ -96,12 +101,11 @@ class ImageDataConfig(DataConfig):
 
 @dataclasses.dataclass
 class ImageSplits:
-    """A source loaded into memory: uint8/int levels [N, H, W, C] and optional int labels [N]."""
+    """A source loaded into memory: per split ("train", "val", "test"), uint8/int levels
+    [N, H, W, C] and int labels [N] (None for a source without labels)."""
 
-    train_images: np.ndarray
-    val_images: np.ndarray
-    train_labels: np.ndarray | None = None
-    val_labels: np.ndarray | None = None
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray | None]
     num_classes: int | None = None
     class_names: list[str] | None = None
     split: str = ""
@@ -119,23 +123,35 @@ def resolve_path(path: str | Path, what: str) -> Path:
                      f"{', '.join(str(c) for c in candidates)})")
 
 
-def _split_last(images, labels, fraction=VAL_FRACTION):
-    n_val = max(1, int(round(len(images) * fraction)))
-    cut = len(images) - n_val
+def _split_fractions(images, labels, held_out=HELD_OUT, *, val_only=False
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray | None]]:
+    """Train (first), validation and test (last) parts, `held_out` of the images each (at least
+    one); `val_only`: the last part is validation and there is no test."""
+    n = len(images)
+    n_held = max(1, int(round(n * held_out)))
+    parts = ("val",) if val_only else ("val", "test")
+    cut = n - n_held * len(parts)
     if cut < 1:
-        raise ValueError(f"{len(images)} images are too few to split into train and validation")
-    lab = (None, None) if labels is None else (labels[:cut], labels[cut:])
-    return images[:cut], images[cut:], lab[0], lab[1]
+        raise ValueError(f"{n} images are too few to split into train, validation and test")
+    bounds = {"train": (0, cut), "val": (cut, cut + n_held), "test": (cut + n_held, n)}
+    bounds = {k: bounds[k] for k in ("train", *parts)}
+    return ({k: images[lo:hi] for k, (lo, hi) in bounds.items()},
+            {k: None if labels is None else labels[lo:hi] for k, (lo, hi) in bounds.items()})
 
 
 def load_digits_source() -> ImageSplits:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = digits.images.astype(np.uint8)[..., None]  # [1797, 8, 8, 1], values 0..16
-    tr, va, trl, val = _split_last(images, digits.target.astype(np.int32))
-    return ImageSplits(tr, va, trl, val, 10, [str(i) for i in range(10)],
-                       split=f"first {len(tr)} train / last {len(va)} validation")
+    order = np.random.default_rng(0).permutation(len(digits.images))  # fixed, whatever the seed
+    images = digits.images.astype(np.uint8)[order, ..., None]  # [1797, 8, 8, 1], values 0..16
+    images, labels = _split_fractions(images, digits.target.astype(np.int32)[order])
+    return ImageSplits(images, labels, 10, [str(i) for i in range(10)],
+                       split="fixed permutation: " + _counts(images))
+
+
+def _counts(images: dict[str, np.ndarray]) -> str:
+    return " / ".join(f"{len(v)} {k}" for k, v in images.items())
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -167,32 +183,39 @@ def load_mnist(path: str | Path) -> ImageSplits:
     if test_images is None or test_labels is None:
         raise ValueError(f"{folder} lacks t10k-images-idx3-ubyte.gz / t10k-labels-idx1-ubyte.gz")
     images, labels = read_idx(test_images)[..., None], read_idx(test_labels).astype(np.int32)
+    names = [str(i) for i in range(10)]
     train_images, train_labels = find("train-images-idx3-ubyte"), find("train-labels-idx1-ubyte")
     if train_images is not None and train_labels is not None:
-        return ImageSplits(read_idx(train_images)[..., None], images,
-                           read_idx(train_labels).astype(np.int32), labels, 10,
-                           [str(i) for i in range(10)], split="train files / t10k validation")
-    tr, va, trl, val = _split_last(images, labels)
-    return ImageSplits(tr, va, trl, val, 10, [str(i) for i in range(10)],
-                       split=f"no train images: t10k split {len(tr)} train / {len(va)} validation")
+        train = read_idx(train_images)[..., None]
+        held_out = 10_000 / len(train) if len(train) >= 50_000 else HELD_OUT  # 60k: 50k / 10k
+        split, split_labels = _split_fractions(train, read_idx(train_labels).astype(np.int32),
+                                               held_out, val_only=True)
+        split["test"], split_labels["test"] = images, labels
+        return ImageSplits(split, split_labels, 10, names,
+                           split="train files: " + _counts(split) + " (t10k)")
+    split, split_labels = _split_fractions(images, labels)
+    return ImageSplits(split, split_labels, 10, names,
+                       split="no train images, t10k divided: " + _counts(split))
 
 
 def load_binarized_mnist(path: str | Path) -> ImageSplits:
     file = resolve_path(path, "data.path (binarized_mnist .npz)")
     if file.is_dir():
         file = file / "binarized_mnist.npz"
+    names = {"train": "train", "val": "valid", "test": "test"}
     with np.load(file) as npz:  # plain arrays: allow_pickle stays False
-        missing = {"train", "valid"} - set(npz.files)
+        missing = set(names.values()) - set(npz.files)
         if missing:
             raise ValueError(f"{file} lacks arrays {sorted(missing)} (has {npz.files})")
-        train, valid = npz["train"], npz["valid"]
-    for name, rows in (("train", train), ("valid", valid)):
-        if rows.ndim != 2 or rows.shape[1] != 28 * 28:
-            raise ValueError(f"{file}: array {name!r} has shape {rows.shape}; expected "
+        rows = {split: npz[name] for split, name in names.items()}
+    for split, array in rows.items():
+        if array.ndim != 2 or array.shape[1] != 28 * 28:
+            raise ValueError(f"{file}: array {names[split]!r} has shape {array.shape}; expected "
                              "[N, 784], one flattened 28x28 image per row")
-    shape = (-1, 28, 28, 1)
-    return ImageSplits(train.reshape(shape), valid.reshape(shape),
-                       split="train / valid (labels exist only for test: batches carry none)")
+    images = {split: array.reshape(-1, 28, 28, 1) for split, array in rows.items()}
+    return ImageSplits(images, dict.fromkeys(images),
+                       split="train / valid / test (labels exist only for test: batches carry "
+                             "none)")
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -242,12 +265,15 @@ def load_cifar10(path: str | Path) -> ImageSplits:
         raise ValueError(f"{folder} needs data_batch_1..5 (at least one) and test_batch, the "
                          "CIFAR-10 python batches")
     parts = [_cifar_batch(f) for f in train_files]
-    val_images, val_labels = _cifar_batch(folder / "test_batch")
+    train = np.concatenate([p[0] for p in parts])
+    images, labels = _split_fractions(train, np.concatenate([p[1] for p in parts]),
+                                      min(5000 / len(train), HELD_OUT), val_only=True)
+    images["test"], labels["test"] = _cifar_batch(folder / "test_batch")
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
              "truck"]
-    return ImageSplits(np.concatenate([p[0] for p in parts]), val_images,
-                       np.concatenate([p[1] for p in parts]), val_labels, 10, names,
-                       split=f"{', '.join(f.name for f in train_files)} / test_batch")
+    return ImageSplits(images, labels, 10, names,
+                       split=f"{', '.join(f.name for f in train_files)}: {len(images['train'])} "
+                             f"train / last {len(images['val'])} validation; test_batch test")
 
 
 def read_image(file: Path, mode: str = "RGB",
@@ -280,8 +306,9 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> I
                          "expected one or the other (sub-folder = class)")
     files = ([(f, i) for i, c in enumerate(classes) for f in images_in(folder / c)] if classes
              else [(f, -1) for f in top])
-    if len(files) < 2:
-        raise ValueError(f"{folder} holds {len(files)} PNG/JPEG images; expected at least 2")
+    if len(files) < 3:
+        raise ValueError(f"{folder} holds {len(files)} PNG/JPEG images; expected at least 3 "
+                         "(train, validation and test)")
     arrays = [read_image(file, "RGB", image_size) for file, _ in files]
     sizes = {a.shape[:2] for a in arrays}
     if len(sizes) > 1:
@@ -294,9 +321,9 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> I
     order = np.random.default_rng(0).permutation(len(images))  # classes are sorted on disk
     images = images[order]
     labels = None if labels is None else labels[order]
-    tr, va, trl, val = _split_last(images, labels)
-    return ImageSplits(tr, va, trl, val, len(classes) or None, classes or None,
-                       split=f"fixed permutation: {len(tr)} train / {len(va)} validation")
+    images, labels = _split_fractions(images, labels)
+    return ImageSplits(images, labels, len(classes) or None, classes or None,
+                       split="fixed permutation: " + _counts(images))
 
 
 def load_source(config: ImageDataConfig) -> ImageSplits:
@@ -488,41 +515,45 @@ class ImageCodec(Codec):
         return cls(tuple(obj["shape"]), obj["levels"], obj.get("class_names"))
 
 
+def split_levels(config: ImageDataConfig, splits: ImageSplits, split: str) -> np.ndarray:
+    """One split's images as int32 levels in [0, config.levels), checked."""
+    native = NATIVE_LEVELS[config.source]
+    where = f"data.source={config.source!r}" + (f" at {config.path}" if config.path else "")
+    images = check_levels(splits.images[split], native, f"{where} ({split})")
+    return requantize(images, native, config.levels)
+
+
 @register_data("image", ImageDataConfig)
 def build_image_data(config: ImageDataConfig, *, codec: Codec | None = None,
                      process_index: int = 0, process_count: int = 1) -> DataBundle:
     del codec  # nothing is fitted: the data alone decides everything
     splits = load_source(config)
-    native, levels = NATIVE_LEVELS[config.source], config.levels
-    where = f"data.source={config.source!r}" + (f" at {config.path}" if config.path else "")
-    train_images = requantize(check_levels(splits.train_images, native, f"{where} (train)"),
-                              native, levels)
-    val_images = requantize(check_levels(splits.val_images, native, f"{where} (validation)"),
-                            native, levels)
-    ds = train_dataset(train_images, splits.train_labels, batch_size=config.batch_size,
+    train_images, val_images = (split_levels(config, splits, s) for s in ("train", "val"))
+    ds = train_dataset(train_images, splits.labels["train"], batch_size=config.batch_size,
                        seed=config.seed, process_index=process_index,
                        process_count=process_count)
-    val = validation_batches(val_images, splits.val_labels, batch_size=config.batch_size,
+    val = validation_batches(val_images, splits.labels["val"], batch_size=config.batch_size,
                              num_batches=config.val_batches, process_index=process_index,
                              process_count=process_count)
     height, width, channels = train_images.shape[1:]
     info: dict[str, Any] = {
         "source": config.source,
-        "num_levels": levels,
-        "native_levels": native,
+        "num_levels": config.levels,
+        "native_levels": NATIVE_LEVELS[config.source],
         "image_shape": (height, width, channels),
         # Conditioning is the user's choice (model.num_classes); this says what the data allows.
-        "num_classes": splits.num_classes if splits.train_labels is not None else None,
+        "num_classes": splits.num_classes if splits.labels["train"] is not None else None,
         "class_names": splits.class_names,
         "split": splits.split,
         "train_images": len(train_images),
         "val_images": len(val_images),
+        "test_images": len(splits.images.get("test", ())),
         "val_batches": len(val),
     }
     return DataBundle(
         # In-memory gathers are cheap: one background thread keeps two batches ready.
         train=iterate(ds, prefetch=2, num_workers=config.num_workers),
         val_batches=val,
-        codec=ImageCodec((height, width, channels), levels, splits.class_names),
+        codec=ImageCodec((height, width, channels), config.levels, splits.class_names),
         info=info,
     )

