@@ -12,6 +12,7 @@ LAYERS = [
     {"chainrule.sampling", "chainrule.data", "chainrule.parallel", "chainrule.tracking"},
     {"chainrule.models"},
     {"chainrule.training"},
+    {"chainrule.evaluation"},
     {"chainrule.cli", "chainrule.sweeps", "chainrule"},  # `chainrule` itself: the facade
 ]
 

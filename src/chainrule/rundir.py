@@ -82,6 +82,12 @@ class RunDir:
     def legacy_tokenizer(self) -> Path:
         return self.path / self.LEGACY_TOKENIZER
 
+    def evaluation(self, split: str, step: int, source: str | None = None) -> Path:
+        """Where evaluate.py writes its results: eval_<split>[_<source>]_step<N>.json
+        (`source` names data other than the run's own)."""
+        tag = f"_{source}" if source else ""
+        return self.path / f"eval_{split}{tag}_step{step}.json"
+
     def has_checkpoints(self) -> bool:
         return self.checkpoints.is_dir()
 

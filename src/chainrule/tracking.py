@@ -266,6 +266,11 @@ class Tracker:
             self._run.summary.update(clean)
         return path
 
+    def update_summary(self, values: Mapping[str, Any]) -> None:
+        """Add `values` to the W&B run's summary only (evaluate.py's results)."""
+        if self._run is not None and self.is_main_process:
+            self._run.summary.update({str(k): _to_float(str(k), v) for k, v in values.items()})
+
     # ---- samples ---------------------------------------------------------------------------
 
     def log_samples(self, kind: str, samples: Sequence[Any], step: int, *,

@@ -54,6 +54,7 @@ from chainrule.data.base import (
     register_codec,
     register_data,
 )
+from chainrule.data.evaluation import EvalSplit, WindowBatches, default_stride, register_eval
 
 SOURCES = ("synthetic", "wav_folder", "fsdd")
 DEFAULT_FSDD_PATH = "../shared/data/fsdd/recordings"
@@ -486,6 +487,37 @@ def build_audio_data(config: AudioDataConfig, *, codec: Codec | None = None,
             "val_batches": len(val),
         },
     )
+
+
+@register_eval(AudioDataConfig)
+def audio_eval(config: AudioDataConfig, *, codec: Codec, split: str, batch_size: int,
+               stride: int | None, process_index: int = 0, process_count: int = 1) -> EvalSplit:
+    """Every sample of every clip of the split scored once (but each clip's first), in
+    sliding windows of sequence_length + 1 samples; padding past a clip's end is masked."""
+    splits, label_names = load_clips(config)
+    chosen = [splits[s] for s in SPLITS if split in (s, "all")]
+    codes = [c.astype(np.int32) for clips in chosen for c in clips.codes]
+    labels = [clips.labels for clips in chosen]
+    labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
+    if not isinstance(codec, AudioCodec) or (codec.mu, codec.sample_rate) != (config.mu,
+                                                                              config.sample_rate):
+        raise ValueError(f"the data is μ-law {config.mu} at {config.sample_rate} Hz; the run's "
+                         f"model was trained on {codec.to_json()}")
+    if labels is not None and codec.label_names not in (None, label_names):
+        raise ValueError(f"the data's labels {label_names} differ from the run's "
+                         f"{codec.label_names}")
+    if not codes:
+        raise ValueError(f"split={split!r} of source={config.source!r} has no clips")
+    length = config.sequence_length + 1
+    silence = int(mu_law_encode(np.zeros(1), config.mu)[0])
+    windows = WindowBatches(codes, length, default_stride(length, stride), batch_size,
+                            "waveform", labels=labels, pad=silence,
+                            process_index=process_index, process_count=process_count)
+    return EvalSplit(windows, windows.num_batches,
+                     {"samples": windows.num_scored, "clips": len(codes)},
+                     info={"source": config.source, "path": config.path,
+                           "windows": len(windows.plan), "stride": windows.stride,
+                           "window": length, "sample_rate": config.sample_rate})
 
 
 __all__ = ["AudioCodec", "AudioDataConfig", "build_audio_data", "load_clips", "mu_law_decode",

@@ -46,6 +46,7 @@ from chainrule.data.base import (
     register_codec,
     register_data,
 )
+from chainrule.data.evaluation import EvalSplit, ImageBatches, register_eval
 
 SOURCES = ("digits", "mnist", "binarized_mnist", "cifar10", "image_folder")
 NATIVE_LEVELS = {"digits": 17, "mnist": 256, "binarized_mnist": 2, "cifar10": 256,
@@ -557,3 +558,25 @@ def build_image_data(config: ImageDataConfig, *, codec: Codec | None = None,
         codec=ImageCodec((height, width, channels), config.levels, splits.class_names),
         info=info,
     )
+
+
+@register_eval(ImageDataConfig)
+def image_eval(config: ImageDataConfig, *, codec: Codec, split: str, batch_size: int,
+               stride: int | None = None, process_index: int = 0,
+               process_count: int = 1) -> EvalSplit:
+    """Every image of the split once (`stride` does not apply to images)."""
+    del stride
+    splits = load_source(config)
+    names = [s for s in splits.images if split in (s, "all")]
+    images = np.concatenate([split_levels(config, splits, s) for s in names])
+    labels = [splits.labels[s] for s in names]
+    labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
+    if not isinstance(codec, ImageCodec) or (images.shape[1:], config.levels) != (
+            codec.shape, codec.levels):
+        shown = getattr(codec, "shape", codec.kind), getattr(codec, "levels", "")
+        raise ValueError(f"data.source={config.source!r} gives {config.levels}-level images of "
+                         f"shape {images.shape[1:]}; the run's model was trained on {shown}")
+    batches = ImageBatches(images, labels, batch_size, process_index, process_count)
+    return EvalSplit(batches, batches.num_batches,
+                     {"images": len(images), "dims_per_image": int(np.prod(images.shape[1:]))},
+                     info={"source": config.source, "path": config.path, "split": splits.split})

@@ -31,6 +31,7 @@ from chainrule.data.base import (
     register_codec,
     register_data,
 )
+from chainrule.data.evaluation import EvalSplit, WindowBatches, default_stride, register_eval
 from chainrule.data.tokenizers import (
     KINDS,
     MIN_BPE_VOCAB_SIZE,
@@ -318,3 +319,39 @@ def build_text_data(config: TextDataConfig, *, codec: Codec | None = None,
             "val_batches": len(val),
         },
     )
+
+
+def _scored_part(config: TextDataConfig, split: str) -> str:
+    text = load_text(config)
+    if split == "all":
+        return text
+    part = split_text(text, config.val_fraction, config.test_fraction)[split]
+    if not part:  # only the test part can be empty (test_fraction = 0)
+        raise ValueError(f"split={split!r}: the data has no {split} part "
+                         f"(data.test_fraction={config.test_fraction}); expected a split "
+                         "the run's data has, or split=all with another source")
+    return part
+
+
+@register_eval(TextDataConfig)
+def text_eval(config: TextDataConfig, *, codec: Codec, split: str, batch_size: int,
+              stride: int | None, process_index: int = 0, process_count: int = 1) -> EvalSplit:
+    """Every token of the split scored once (but its first, which has no context) with the
+    run's tokenizer, in sliding windows; the counts are the characters and UTF-8 bytes of the
+    text those tokens spell (the split's, less its first token's)."""
+    if not isinstance(codec, TextCodec):
+        raise ValueError(f"the run's codec is for {codec.kind}, not text; evaluate it on its "
+                         "own kind of data")
+    part = _scored_part(config, split)
+    tokens = codec.tokenizer.encode(part)
+    length = config.sequence_length + 1
+    windows = WindowBatches([tokens], length, default_stride(length, stride), batch_size,
+                            "sequences", process_index=process_index,
+                            process_count=process_count)
+    unscored = codec.tokenizer.decode(tokens[:1])
+    counts = {"characters": len(part) - len(unscored),
+              "bytes": len(part.encode("utf-8")) - len(unscored.encode("utf-8"))}
+    return EvalSplit(windows, windows.num_batches, counts,
+                     info={"source": config.source, "path": config.path, "tokens": len(tokens),
+                           "windows": len(windows.plan), "stride": windows.stride,
+                           "window": length})

@@ -116,13 +116,25 @@ class PixelCNN(AutoregressiveModel):
         return {}
 
     def loss_fn(self, batch, outputs, *, rngs=None, **_):
-        """Mean negative log-likelihood per sub-pixel, in nats ("nll_loss") and bits."""
+        """Mean negative log-likelihood per sub-pixel, in nats ("nll_loss") and bits.
+
+        A per-image "loss_mask" [B] (0 = not scored: the blank images that fill an evaluation
+        batch) leaves images out; "num_scored" counts the sub-pixels scored."""
         images = batch[self.data_key]
         logits = outputs["logits"]
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, images).mean()
-        accuracy = (logits.argmax(-1) == images).mean()
-        return {"loss": nll, "nll_loss": nll, "bits_per_dim": nll / math.log(2.0),
-                "accuracy": accuracy}
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, images)
+        correct = logits.argmax(-1) == images
+        if "loss_mask" not in batch:
+            return {"loss": nll.mean(), "nll_loss": nll.mean(),
+                    "bits_per_dim": nll.mean() / math.log(2.0), "accuracy": correct.mean(),
+                    "num_scored": jnp.asarray(nll.size, jnp.float32)}
+        weights = jnp.broadcast_to(batch["loss_mask"].astype(jnp.float32)[:, None, None, None],
+                                   nll.shape)
+        scored = weights.sum()
+        mean = (nll * weights).sum() / jnp.maximum(scored, 1.0)
+        return {"loss": mean, "nll_loss": mean, "bits_per_dim": mean / math.log(2.0),
+                "accuracy": (correct * weights).sum() / jnp.maximum(scored, 1.0),
+                "num_scored": scored}
 
     # --------------------------------------------------------------- generation
     def generate(self, n_samples: int = 16, temperature=1.0, top_k=None, top_p=None,
