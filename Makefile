@@ -7,7 +7,7 @@ ARGS   ?=
 SWEEP  ?= transformer_scaling_cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sample sweep sweep-report test test-full lint format bench clean
+.PHONY: help install train sample evaluate sweep sweep-report test test-full lint format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,9 @@ train: $(STAMP)  ## train the default experiment (char-level Transformer on Shak
 sample: $(STAMP)  ## sample from a run: make sample ARGS="checkpoint=outputs/... prompt=ROMEO:"
 	$(PY) sample.py $(ARGS)
 
+evaluate: $(STAMP)  ## score a run on a whole split: make evaluate ARGS="checkpoint=outputs/... split=test"
+	$(PY) evaluate.py $(ARGS)
+
 sweep: $(STAMP)  ## run a sweep preset from sweeps/ (SWEEP=transformer_scaling_cpu: ~8 min on 2 cores), then its report
 	$(PY) train.py -m sweep=$(SWEEP) $(ARGS); status=$$?; \
 	$(PY) -m chainrule.sweeps --root multirun/$(SWEEP); exit $$status
@@ -40,11 +43,11 @@ test-full: $(STAMP)  ## every test, the slow ones included
 	$(PY) -m pytest -q -n 2 --dist loadfile -m '' $(ARGS)
 
 lint: $(STAMP)  ## ruff checks
-	$(VENV)/bin/ruff check src tests bench train.py sample.py
+	$(VENV)/bin/ruff check src tests bench train.py sample.py evaluate.py
 
 format: $(STAMP)  ## ruff format + import sorting
-	$(VENV)/bin/ruff check --fix --select I src tests bench train.py sample.py
-	$(VENV)/bin/ruff format src tests bench train.py sample.py
+	$(VENV)/bin/ruff check --fix --select I src tests bench train.py sample.py evaluate.py
+	$(VENV)/bin/ruff format src tests bench train.py sample.py evaluate.py
 
 bench: $(STAMP)  ## run the benchmarks in bench/ (prints figures, writes bench/results/)
 	$(PY) bench/run_all.py $(ARGS)
