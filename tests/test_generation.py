@@ -164,6 +164,133 @@ def test_beam_search_keeps_finished_hypotheses():
     assert np.all(np.diff(np.asarray(scores)) <= 1e-6)  # best first
 
 
+def eos_model(vocab, seed, scale=10.0, eos_boost=0.0):
+    """A tiny Transformer whose last token is its eos, with a sharpened untied output layer (a
+    fresh one is nearly uniform, where length hardly matters); `eos_boost` makes eos likelier."""
+    model = tiny(vocab=vocab, width=16, seed=seed, tie_weights=False, eos_token_id=vocab - 1)
+    model.ln_f.bias[...] = model.ln_f.bias[...].at[0].set(1.0)
+    kernel = model.lm_head.kernel[...] * scale
+    model.lm_head.kernel[...] = kernel.at[0, vocab - 1].add(eos_boost)
+    return model
+
+
+def gnmt(length, alpha):
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def brute_force(model, prompt, new, alpha):
+    """Every hypothesis (non-eos tokens then eos, or `new` non-eos tokens), best first by its
+    log-probability under the uncached forward (float64) over the GNMT penalty."""
+    vocab, eos = model.config.vocab_size, model.config.eos_token_id
+    words = [v for v in range(vocab) if v != eos]
+    hyps = [s + (eos,) for n in range(new) for s in itertools.product(words, repeat=n)]
+    hyps += list(itertools.product(words, repeat=new))
+    batch = np.zeros((len(hyps), len(prompt) + new), np.int32)
+    batch[:, :len(prompt)] = prompt
+    for row, h in zip(batch, hyps, strict=True):
+        row[len(prompt):len(prompt) + len(h)] = h
+    logits = np.asarray(model(jnp.asarray(batch))["logits"], np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    scored = [(sum(logp[i, len(prompt) - 1 + j, t] for j, t in enumerate(h)) / gnmt(len(h), alpha),
+               h) for i, h in enumerate(hyps)]
+    return sorted(scored, key=lambda x: -x[0])
+
+
+def hypotheses(model, seqs, prompt):
+    """The generated part of each row, up to its eos; only padding may follow the eos."""
+    eos, out = model.config.eos_token_id, []
+    for row in np.asarray(seqs):
+        assert list(row[:len(prompt)]) == list(prompt)
+        new = list(row[len(prompt):])
+        if eos in new:
+            assert all(t == 0 for t in new[new.index(eos) + 1:])
+            new = new[:new.index(eos) + 1]
+        out.append(tuple(int(t) for t in new))
+    return out
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_beam_search_top_k_equals_brute_force_with_a_length_penalty(alpha):
+    """A beam of k = (vocab - 1) ** (new - 1) keeps every unfinished prefix until the last step,
+    so every finished hypothesis reaches the pool and the k best full-length ones are the live
+    beams: with the pool kept apart from the live beams, the k results must be the true k best,
+    under any length penalty."""
+    vocab, new, prompt = 4, 3, [1, 2]
+    k = (vocab - 1) ** (new - 1)
+    model = eos_model(vocab, seed=1)
+    truth = brute_force(model, prompt, new, alpha)[:k + 1]
+    assert min(a - b for (a, _), (b, _) in itertools.pairwise(truth)) > 1e-4  # no near-ties
+    seqs, scores = model.beam_search(prompt=prompt, beam_size=k, max_length=len(prompt) + new,
+                                     length_penalty=alpha)
+    assert hypotheses(model, seqs, prompt) == [h for _, h in truth[:k]]
+    np.testing.assert_allclose(np.asarray(scores), [s for s, _ in truth[:k]], atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_beam_wider_than_the_space_returns_the_whole_space_ranked(alpha):
+    """A beam wider than the 40 hypotheses (vocab 4 with eos, 3 new tokens) returns exactly
+    them, ranked as brute force ranks them, with their scores."""
+    vocab, new, prompt = 4, 3, [2, 1]
+    model = eos_model(vocab, seed=2)
+    truth = brute_force(model, prompt, new, alpha)
+    assert len(truth) == 40
+    assert min(a - b for (a, _), (b, _) in itertools.pairwise(truth)) > 1e-4  # no near-ties
+    seqs, scores = model.beam_search(prompt=prompt, beam_size=64, max_length=len(prompt) + new,
+                                     length_penalty=alpha)
+    assert hypotheses(model, seqs, prompt) == [h for _, h in truth]
+    np.testing.assert_allclose(np.asarray(scores), [s for s, _ in truth], atol=1e-5)
+
+
+@pytest.mark.parametrize("eos_id", [None, 2])
+def test_beam_wider_than_the_hypotheses_returns_only_those_that_exist(eos_id):
+    """Beam 8 over vocab 3 for one new token: 3 hypotheses, so 3 rows, distinct, all finite."""
+    model = tiny(vocab=3, width=16)
+    seqs, scores = model.beam_search(prompt=[1], beam_size=8, max_length=2, eos_id=eos_id,
+                                     length_penalty=0.6)
+    seqs, scores = np.asarray(seqs), np.asarray(scores)
+    assert seqs.shape == (3, 2) and scores.shape == (3,)
+    assert np.isfinite(scores).all()
+    assert sorted(seqs[:, 1]) == [0, 1, 2]
+    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray([[1]]))["logits"][0, -1]), np.float64)
+    np.testing.assert_allclose(scores, np.sort(logp)[::-1] / gnmt(1, 0.6), atol=1e-5)
+    with pytest.raises(ValueError, match="eos_id=3 is out of range"):
+        model.beam_search(prompt=[1], beam_size=2, max_length=2, eos_id=3)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+def test_a_finished_hypothesis_is_not_crowded_out_by_live_beams(alpha):
+    """eos is the least likely first token, yet ending there is the best hypothesis: a beam of
+    2 must still return it (finished hypotheses do not compete for the live slots)."""
+    vocab, new, prompt = 4, 3, [1, 2]
+    model = eos_model(vocab, seed=6)
+    first = np.asarray(model(jnp.asarray([prompt]))["logits"][0, -1])
+    assert list(np.argsort(-first)).index(vocab - 1) == vocab - 1
+    truth = brute_force(model, prompt, new, alpha)
+    assert truth[0][1] == (vocab - 1,) and truth[0][0] - truth[1][0] > 1e-2
+    seqs, scores = model.beam_search(prompt=prompt, beam_size=2, max_length=len(prompt) + new,
+                                     length_penalty=alpha)
+    assert hypotheses(model, seqs, prompt)[0] == truth[0][1]
+    np.testing.assert_allclose(float(scores[0]), truth[0][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [-0.5, 0.0, 0.6, 1.0, 2.0])
+def test_beam_early_stop_never_changes_the_result(alpha):
+    """With a likely eos the pool fills early and the search stops before max_length; the
+    result is the one of running every step. (Bounding a live beam by its current length's
+    penalty, Hugging Face's early_stopping=False, stops too soon here for alpha 1 and 2.)"""
+    from chainrule.sampling.beam import _search
+
+    model = eos_model(5, seed=3, eos_boost=3.0)
+    results = [_search(model, [1, 2], 3, 16, alpha, None, early_stop=e) for e in (True, False)]
+    (seqs, scores, stopped), (full_seqs, full_scores, full_stopped) = results
+    np.testing.assert_array_equal(np.asarray(seqs), np.asarray(full_seqs))
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray(full_scores))
+    assert full_stopped == 16
+    if alpha <= 1.0:
+        assert stopped < 16
+
+
 def peaked(seed, layers, vocab):
     model = tiny(vocab=vocab, layers=layers, seed=seed, width=16)
     model.token_embed.embedding[...] = model.token_embed.embedding[...] * 6.0  # sharper

@@ -272,9 +272,9 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
     def beam_search(self, prompt=None, beam_size: int = 4, max_length: int | None = None,
                     length_penalty: float = 0.0, eos_id: int | None = None,
                     rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
-        """(sequences [beam_size, max_length], scores [beam_size]), best first; see
-        `chainrule.sampling.beam.beam_search` (rngs is accepted for the guide's API: beam
-        search draws nothing)."""
+        """(sequences [n, max_length], length-normalised scores [n]), best first, with
+        n = min(beam_size, the hypotheses that exist); see `chainrule.sampling.beam.beam_search`
+        (rngs is accepted for the guide's API: beam search draws nothing)."""
         from chainrule.sampling.beam import beam_search
 
         return beam_search(self, prompt, beam_size=beam_size, max_length=max_length,
