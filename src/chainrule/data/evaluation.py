@@ -129,7 +129,13 @@ class WindowBatches:
     process_count: int = 1
 
     def __post_init__(self):
-        self.plan = window_plan([len(s) for s in self.sequences], self.length, self.stride)
+        lengths = np.array([len(s) for s in self.sequences], np.int64)
+        self.plan = window_plan(lengths.tolist(), self.length, self.stride)
+        # One flat array and each sequence's offset in it: a batch is one vectorised gather.
+        self._flat = (self.sequences[0] if len(self.sequences) == 1
+                      else np.concatenate(self.sequences))
+        self._offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self._lengths = lengths
 
     @property
     def num_batches(self) -> int:
@@ -143,19 +149,17 @@ class WindowBatches:
         rows = self.plan[index * self.batch_size:(index + 1) * self.batch_size]
         rows = rows[_rows(self.batch_size, self.process_index, self.process_count)]
         per_process = self.batch_size // self.process_count
-        windows = np.full((per_process, self.length), self.pad, np.int32)
-        mask = np.zeros((per_process, self.length), np.int32)
-        labels = np.zeros(per_process, np.int32)
-        positions = np.arange(self.length)
-        for i, (seq, start, first, last) in enumerate(rows):
-            piece = self.sequences[seq][start:start + self.length]
-            windows[i, :len(piece)] = piece
-            mask[i] = (positions >= first - start) & (positions <= last - start)
-            if self.labels is not None:
-                labels[i] = self.labels[seq]
+        # Rows past the plan's end (the last batch) are padding: no tokens, nothing scored.
+        rows = np.concatenate([rows, np.tile([[0, 0, 1, 0]], (per_process - len(rows), 1))])
+        seq, start, first, last = rows.T
+        at = start[:, None] + np.arange(self.length)  # index within the sequence
+        inside = at < self._lengths[seq][:, None]
+        flat_at = np.where(inside, self._offsets[seq][:, None] + at, 0)
+        windows = np.where(inside, self._flat[flat_at], self.pad).astype(np.int32)
+        mask = ((at >= first[:, None]) & (at <= last[:, None])).astype(np.int32)
         batch = {self.key: windows, "loss_mask": mask}
         if self.labels is not None:
-            batch["labels"] = labels
+            batch["labels"] = np.where(last >= first, self.labels[seq], 0).astype(np.int32)
         return batch
 
     def __call__(self) -> Iterator[Batch]:
