@@ -88,6 +88,11 @@ def test_the_installed_wheel_trains_and_samples_from_anywhere(tmp_path):
     written = [Path(p) for p in summary.split("written: ", 1)[1].split(", ")]
     assert written and all(p.is_file() and p.parent == run_dir / "samples" for p in written)
 
+    evaluated = run(str(bin_dir / "chainrule-evaluate"), f"checkpoint={run_dir}", "split=val",
+                    "progress=false")
+    assert evaluated.stdout.startswith("val split, step 6: nll ")
+    assert json.loads((run_dir / "eval_val_step6.json").read_text())["num_scored"] > 0
+
     # The presets and the sweeps come with the wheel (shipped: the file list above); composed:
     job = yaml.safe_load(run(str(bin_dir / "chainrule-train"), "experiment=pixelcnn_digits",
                              "--cfg", "job").stdout)

@@ -54,7 +54,7 @@ def make_text(folder: Path) -> list[str]:
 def make_images(folder: Path) -> list[str]:
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(20):
+    for i in range(40):  # 32 train, 4 validation, 4 test: a batch of 4 each
         Image.fromarray(rng.integers(0, 256, (6, 7), dtype=np.uint8)).save(folder / f"{i}.png")
     return ["model=pixelcnn", "data=image_folder", f"data.path={folder}", "data.batch_size=4",
             "data.num_levels=4"]
