@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from flax import nnx
 from PIL import Image
 
 import chainrule
@@ -56,6 +57,13 @@ def text_runs(tmp_path_factory):
             for kind in ("char", "bpe")}
 
 
+@nnx.jit
+def logits_of(model, inputs):
+    """The model's logits for one input (compiled once per input shape: the reference makes
+    a call per window)."""
+    return model(inputs, training=False)["logits"]
+
+
 def log_softmax64(logits) -> np.ndarray:
     x = np.asarray(logits, np.float64)
     x = x - x.max(-1, keepdims=True)
@@ -97,7 +105,7 @@ def test_text_equals_a_window_by_window_computation(text_runs, kind, stride):
     tokens = codec.tokenizer.encode(part)
 
     def call(window):
-        return model(jnp.asarray(window[None]), training=False)["logits"][0]
+        return logits_of(model, jnp.asarray(window[None]))[0]
 
     expected = reference_sequence_nll(call, tokens, 16, stride or 8)
     assert results["num_scored"] == len(tokens) - 1
@@ -155,7 +163,7 @@ def test_images_equal_an_image_by_image_computation(tmp_path):
     images = np.concatenate([split_levels(config, splits, s) for s in ("train", "val", "test")])
     expected = 0.0
     for image in images:
-        logp = log_softmax64(model(jnp.asarray(image[None]), training=False)["logits"][0])
+        logp = log_softmax64(logits_of(model, jnp.asarray(image[None]))[0])
         expected -= np.take_along_axis(logp, image[..., None], -1).sum()
     assert results["images"] == 30 and results["num_scored"] == 30 * 5 * 6
     assert results["nll_sum"] == pytest.approx(expected, rel=1e-6)
@@ -184,7 +192,7 @@ def test_audio_equals_a_window_by_window_computation_without_the_padding(tmp_pat
     clips = load_clips(data_config(saved, None))[0]["train"].codes
 
     def call(window):
-        return model(jnp.asarray(window[None].astype(np.int32)), training=False)["logits"][0]
+        return logits_of(model, jnp.asarray(window[None].astype(np.int32)))[0]
 
     expected = sum(reference_sequence_nll(call, c, 64, 40) for c in clips)
     assert results["samples"] == results["num_scored"] == sum(len(c) - 1 for c in clips)
