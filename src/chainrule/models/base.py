@@ -10,6 +10,14 @@ The training loop, the evaluation code, the sampler CLI and the sweeps see only 
 
 `data_key` names the batch entry that holds the modelled data ("sequences", "images",
 "waveform"), so generic code can call `model.train_loss(batch)` without knowing the family.
+
+Dropout keys come from the `rngs` a training forward pass is given. Every model also keeps a
+dropout stream of its own (`dropout_rngs`, made when it is built), used only when the given
+`rngs` cannot be drawn from where the model runs: the user guide's train step closes over its
+`rngs` inside `nnx.value_and_grad`, and a stream made outside a transform cannot advance inside
+it. The model is the transform's argument, so its own stream does advance there: each step still
+gets fresh masks. The stream is state (`nnx.RngState`) but not a parameter: it is not counted,
+trained or checkpointed (`chainrule.training.restore.checkpointed`).
 """
 
 from __future__ import annotations
@@ -65,10 +73,55 @@ class PrefixParam(nnx.Param):
 TRAINABLE = {"all": nnx.Param, "prefix": PrefixParam}
 
 
+# Folded into the constructor's parameter key to derive a model's own dropout key when its
+# `rngs` have no dropout stream (b"drop").
+_OWN_DROPOUT = 0x64726F70
+
+
+def _own_dropout_key(rngs: nnx.Rngs) -> jax.Array:
+    """The key of a model's own dropout stream. From a "dropout" stream: one draw of it (what
+    `nnx.Dropout(rate, rngs=rngs)` takes). Without one (the training loop builds models from
+    `nnx.Rngs(params=seed)`): derived from the parameter stream without drawing from it, so the
+    parameters of this model and of later ones built from `rngs` are what they were."""
+    if "dropout" in rngs:
+        return rngs.dropout()
+    stream = rngs["params"]  # or the default stream
+    return jax.random.fold_in(jax.random.fold_in(stream.key[...], stream.count[...]),
+                              _OWN_DROPOUT)
+
+
+def _drawable(rngs: nnx.Rngs | nnx.RngStream | jax.Array) -> bool:
+    """Whether dropout keys can be drawn from `rngs` here: a raw key always can; a stream
+    created in an outer trace cannot advance its count in this one (Flax raises
+    TraceContextError). Rngs without a dropout stream pass (the layers say what is missing)."""
+    if isinstance(rngs, nnx.Rngs):
+        if "dropout" not in rngs and "default" not in rngs:
+            return True
+        rngs = rngs["dropout"]
+    if isinstance(rngs, nnx.RngStream):
+        return getattr(rngs.count, "_can_update", True)
+    return True
+
+
 class AutoregressiveModel(nnx.Module):
-    """Base class: a model of p(x) = prod_i p(x_i | x_<i) over discrete symbols."""
+    """Base class: a model of p(x) = prod_i p(x_i | x_<i) over discrete symbols.
+
+    Families call `_keep_dropout_stream(rngs)` at the end of `__init__` and pass the `rngs` of
+    a forward pass through `_training_rngs` before their dropout layers see them.
+    """
 
     data_key: ClassVar[str] = "sequences"
+
+    def _keep_dropout_stream(self, rngs: nnx.Rngs) -> None:
+        """Give the model its own dropout stream (see the module docstring)."""
+        self.dropout_rngs = nnx.Rngs(dropout=_own_dropout_key(rngs))
+
+    def _training_rngs(self, rngs, training: bool):
+        """The rngs dropout draws from: `rngs` as given, unless it is a stream of an outer
+        trace (the guide's train step), then the model's own stream."""
+        if not training or rngs is None or _drawable(rngs):
+            return rngs
+        return self.dropout_rngs
 
     def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None,
                  training: bool = False, **kwargs: Any) -> dict[str, jax.Array]:

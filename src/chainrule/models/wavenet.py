@@ -198,6 +198,7 @@ class WaveNet(AutoregressiveModel):
         self.layers = nnx.List([ResidualLayer(config, d, rngs=rngs) for d in config.dilations])
         self.head_hidden = _linear(config.skip_channels, config.skip_channels, dtype, rngs)
         self.head_out = _linear(config.skip_channels, config.vocab_size, dtype, rngs)
+        self._keep_dropout_stream(rngs)
 
     @property
     def receptive_field(self) -> int:
@@ -252,6 +253,7 @@ class WaveNet(AutoregressiveModel):
 
     def logits_from_embeddings(self, h, labels=None, *, training=False, rngs=None):
         """The network after the input embedding: h [B, T, residual_channels] -> logits."""
+        rngs = self._training_rngs(rngs, training)
         skips = 0.0
         run = (nnx.remat(_run_layer, static_argnums=(4,)) if self.config.remat
                else _run_layer)

@@ -32,6 +32,7 @@ from chainrule.tracking import Tracker
 from chainrule.training.loop import Preempted, StepInfo, Trainer, TrainingError
 from chainrule.training.metrics import derived_metrics, summarise, to_host
 from chainrule.training.nonfinite import NonFinite, state_is_finite
+from chainrule.training.restore import checkpointed
 from chainrule.training.run import Resumed
 from chainrule.training.steps import stack_batches
 from chainrule.training.throughput import Throughput
@@ -39,11 +40,16 @@ from chainrule.training.throughput import Throughput
 
 def local_model(graphdef, state) -> AutoregressiveModel:
     """The model for generation: as it is in one process; with several, every process
-    gathers the whole of each parameter (a collective: all must call it) and samples alone."""
+    gathers the whole of each parameter (a collective: all must call it) and samples alone.
+    The models' own dropout streams are replicated (and their PRNG keys cannot be gathered
+    into numpy): each process takes its local copy."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        state = multihost_utils.process_allgather(state, tiled=True)
+        streams = jax.tree.map(lambda x: x.addressable_data(0),
+                               nnx.filter_state(state, nnx.RngState))
+        state = nnx.merge_state(
+            multihost_utils.process_allgather(checkpointed(state), tiled=True), streams)
     return nnx.merge(graphdef, state)[0]
 
 
@@ -194,7 +200,8 @@ class Session:
         meta = {"model_family": self.run.family, "wandb_run_id": self.tracker.run_id,
                 "best_val_loss": self.best_val, "config": self.run.config_record}
         metrics = {"val_loss": val_metrics["loss"]} if val_metrics else None
-        self.checkpointer.save(step, {"model": state, "key": self.run.key_data(self.key)},
+        self.checkpointer.save(step, {"model": checkpointed(state),
+                                      "key": self.run.key_data(self.key)},
                                data_state=data_state, meta=meta, metrics=metrics, force=True)
 
     # ---- the end -------------------------------------------------------------------------

@@ -40,6 +40,20 @@ class LoadedRun(NamedTuple):
     config: dict[str, Any]
 
 
+def checkpointed(state: nnx.State) -> nnx.State:
+    """What a checkpoint holds of a model + optimizer state: all of it but the models' own
+    dropout streams (`nnx.RngState`, see `chainrule.models.base`). Those are never trained (the
+    training step passes its own dropout keys), and leaving them out keeps the checkpoint's tree
+    what it was before models had them: runs saved then still load and resume."""
+    return nnx.filter_state(state, nnx.Not(nnx.RngState))
+
+
+def with_streams(restored: nnx.State, state: nnx.State) -> nnx.State:
+    """A restored `checkpointed` state completed with the dropout streams of `state`, the
+    state it was restored into (freshly built: the streams are not saved)."""
+    return nnx.merge_state(nnx.filter_state(state, nnx.RngState), restored)
+
+
 def train_config_record(cfg: Any) -> dict[str, Any]:
     """A TrainConfig as saved with a run: its values, and the type names of the model and
     data schemas (so the run can be rebuilt without knowing its family)."""
@@ -121,12 +135,12 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
     model = build_model(model_config, rngs=nnx.Rngs(params=0))
     optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE[opt_cfg.trainable])
     graphdef, state = nnx.split((model, optimizer))
-    abstract = {"model": state, "key": jax.random.key_data(jax.random.key(0))}
+    abstract = {"model": checkpointed(state), "key": jax.random.key_data(jax.random.key(0))}
     with Checkpointer(run_dir.checkpoints) as checkpointer:
         restored = (checkpointer.restore_best(abstract) if step is None
                     else checkpointer.restore(abstract, step=step))
     if restored is None:
         raise ValueError(f"{run_dir.path} holds no checkpoint yet: expected a run that has "
                          "saved at least one step")
-    model, _ = nnx.merge(graphdef, restored.state["model"])
+    model, _ = nnx.merge(graphdef, with_streams(restored.state["model"], state))
     return LoadedRun(model, codec, restored.step, saved)

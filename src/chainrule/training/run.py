@@ -33,10 +33,12 @@ from chainrule.training.config import TrainConfig
 from chainrule.training.optim import build_optimizer
 from chainrule.training.restore import (
     check_resumable,
+    checkpointed,
     load_run,
     run_record,
     saved_codec,
     train_config_record,
+    with_streams,
 )
 from chainrule.training.steps import Steps
 
@@ -190,14 +192,15 @@ def resume(run: Run, checkpointer: Checkpointer, run_dir: RunDir) -> Resumed:
     key = jax.random.key(run.cfg.seed)
     if not run.cfg.resume or checkpointer.latest_step() is None:
         return Resumed(0, run.state, key)
-    restored = checkpointer.restore({"model": run.state, "key": run.key_data(key)})
+    restored = checkpointer.restore({"model": checkpointed(run.state),
+                                     "key": run.key_data(key)})
     if restored.meta.get("model_family") != run.family:
         raise ValueError(f"{run_dir.path} holds a checkpoint of a "
                          f"{restored.meta.get('model_family')} model, not {run.family}: use "
                          "another run directory")
     run.data.train.set_state(restored.data_state)
     print(f"resuming {run_dir.path} from step {restored.step}")
-    return Resumed(restored.step, restored.state["model"],
+    return Resumed(restored.step, with_streams(restored.state["model"], run.state),
                    jax.random.wrap_key_data(restored.state["key"]),
                    restored.meta.get("wandb_run_id"),
                    restored.meta.get("best_val_loss", math.inf))

@@ -51,6 +51,7 @@ class PixelCNN(AutoregressiveModel):
                                 for i in range(config.num_layers)])
         self.head = OutputHead(config, pool)
         pool.draw(rngs.params())
+        self._keep_dropout_stream(rngs)
 
     # ------------------------------------------------------------------ checks
     def _check_images(self, images) -> None:
@@ -103,6 +104,7 @@ class PixelCNN(AutoregressiveModel):
     def logits_from_scaled(self, x, *, class_labels=None, training=False, rngs=None):
         """Logits [B, H, W, C, num_levels] from images already scaled to [-1, 1] (float; the
         form to differentiate when checking the receptive field)."""
+        rngs = self._training_rngs(rngs, training)
         v, h = x, x
         forward = nnx.remat(_layer_forward, static_argnums=(5,)) if self.config.remat \
             else _layer_forward

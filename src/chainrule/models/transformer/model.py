@@ -58,6 +58,7 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
         self.lm_head = (None if config.tie_weights else
                         _dense(rngs, d, config.vocab_size, ("embed", "vocab"), dtype=dtype,
                                use_bias=False))
+        self._keep_dropout_stream(rngs)
 
     # ------------------------------------------------------------------ forward
     def __call__(self, tokens, *, rngs=None, training=False, positions=None, cache=None,
@@ -74,6 +75,7 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
             start = 0 if cache_index is None else cache_index
             positions = jnp.broadcast_to(start + jnp.arange(t), (b, t))
         deterministic = not training
+        rngs = self._training_rngs(rngs, training)
         x = self.token_embed(tokens)
         kind = self.config.network.positional_encoding
         if kind == "learned":
