@@ -11,8 +11,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from flax import nnx
+from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import chainrule
