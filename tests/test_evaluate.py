@@ -110,7 +110,8 @@ def test_text_equals_a_window_by_window_computation(text_runs, kind, stride):
     expected = reference_sequence_nll(call, tokens, 16, stride or 8)
     assert results["num_scored"] == len(tokens) - 1
     assert results["nll_sum"] == pytest.approx(expected, rel=1e-6)
-    assert results["step"] == step == 2 and results["stride"] == (stride or 8)
+    assert results["step"] == step == 2 and results["about"]["stride"] == (stride or 8)
+    assert results["split"] == "test"
     # Bits per character: total bits over the characters the scored tokens spell.
     chars = len(part) - len(codec.tokenizer.decode(tokens[:1]))
     assert results["characters"] == chars
@@ -166,6 +167,7 @@ def test_images_equal_an_image_by_image_computation(tmp_path):
         logp = log_softmax64(logits_of(model, jnp.asarray(image[None]))[0])
         expected -= np.take_along_axis(logp, image[..., None], -1).sum()
     assert results["images"] == 30 and results["num_scored"] == 30 * 5 * 6
+    assert results["split"] == "all"
     assert results["nll_sum"] == pytest.approx(expected, rel=1e-6)
     assert results["nats_per_image"] == pytest.approx(expected / 30, rel=1e-6)
     assert results["bits_per_dim"] == pytest.approx(expected / np.log(2) / 900, rel=1e-6)

@@ -579,4 +579,5 @@ def image_eval(config: ImageDataConfig, *, codec: Codec, split: str, batch_size:
     batches = ImageBatches(images, labels, batch_size, process_index, process_count)
     return EvalSplit(batches, batches.num_batches,
                      {"images": len(images), "dims_per_image": int(np.prod(images.shape[1:]))},
-                     info={"source": config.source, "path": config.path, "split": splits.split})
+                     info={"source": config.source, "path": config.path,
+                           "splits": splits.split})

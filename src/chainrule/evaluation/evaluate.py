@@ -96,8 +96,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     results = {"split": config.split, "step": loaded.step, "checkpoint": str(run_dir.path),
                **metrics(totals, split.counts, loaded.codec.kind),
                "batch_size": batch_size, "batches": totals.batches, "seconds": seconds,
-               "scored_per_s": totals.scored / max(seconds, 1e-9), **split.info,
-               "data": to_dict(data)}
+               "scored_per_s": totals.scored / max(seconds, 1e-9),
+               "about": split.info, "data": to_dict(data)}
     tag = source_tag(saved, data)
     path = Path(config.output) if config.output else run_dir.evaluation(config.split,
                                                                          loaded.step, tag)
