@@ -91,7 +91,8 @@ def reference_sequence_nll(call, tokens: np.ndarray, context: int, stride: int) 
 
 def run_evaluation(run_dir, **kw) -> dict:
     kw.setdefault("hardware", HardwareConfig())
-    return evaluate(EvaluateConfig(checkpoint=str(run_dir), progress=False, wandb=False, **kw))
+    kw.setdefault("wandb", False)
+    return evaluate(EvaluateConfig(checkpoint=str(run_dir), progress=False, **kw))
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
@@ -244,3 +245,20 @@ def test_cli_scores_another_corpus_with_the_runs_tokenizer(text_runs, tmp_path):
         [sys.executable, str(REPO / "evaluate.py"), f"checkpoint={run_dir}", "split=test",
          "data.val_fraction=2"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: data.val_fraction=2")
+
+
+def test_results_go_into_the_runs_wandb_summary(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    run_dir = train_run(tmp_path / "run", [
+        "model=transformer", "data=text_file", f"data.path={corpus}", "data.sequence_length=16",
+        "logger=wandb"])  # WANDB_MODE=disabled in the tests: a run id, nothing sent
+    added = {}
+    monkeypatch.setattr("chainrule.tracking.Tracker.update_summary",
+                        lambda self, values: added.update(values))
+    results = run_evaluation(run_dir, split="val", wandb=True)
+    assert added["eval/val/nll"] == results["nll"]
+    assert added["eval/val/num_scored"] == results["num_scored"]
+    added.clear()
+    run_evaluation(run_dir, split="val", wandb=False)
+    assert not added

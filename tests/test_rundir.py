@@ -46,7 +46,7 @@ def sample(run_dir: Path, *overrides: str) -> None:
 
 def make_text(folder: Path) -> list[str]:
     folder.mkdir()
-    (folder / "corpus.txt").write_text("To be, or not to be, that is the question.\n" * 60)
+    (folder / "corpus.txt").write_text("To be, or not to be, that is the question.\n" * 120)
     return ["model=transformer", "data=text_file", f"data.path={folder / 'corpus.txt'}",
             "data.sequence_length=16"]
 

@@ -205,10 +205,11 @@ def load_binarized_mnist(path: str | Path) -> ImageSplits:
         file = file / "binarized_mnist.npz"
     names = {"train": "train", "val": "valid", "test": "test"}
     with np.load(file) as npz:  # plain arrays: allow_pickle stays False
-        missing = set(names.values()) - set(npz.files)
+        missing = {"train", "valid"} - set(npz.files)
         if missing:
             raise ValueError(f"{file} lacks arrays {sorted(missing)} (has {npz.files})")
-        rows = {split: npz[name] for split, name in names.items()}
+        # `test` is optional: without it there is no test split to evaluate
+        rows = {split: npz[name] for split, name in names.items() if name in npz.files}
     for split, array in rows.items():
         if array.ndim != 2 or array.shape[1] != 28 * 28:
             raise ValueError(f"{file}: array {names[split]!r} has shape {array.shape}; expected "
@@ -568,6 +569,9 @@ def image_eval(config: ImageDataConfig, *, codec: Codec, split: str, batch_size:
     del stride
     splits = load_source(config)
     names = [s for s in splits.images if split in (s, "all")]
+    if not names:
+        raise ValueError(f"split={split!r}: data.source={config.source!r} has no {split} split "
+                         f"({splits.split}); expected one of {sorted(splits.images)} or 'all'")
     images = np.concatenate([split_levels(config, splits, s) for s in names])
     labels = [splits.labels[s] for s in names]
     labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
