@@ -286,6 +286,29 @@ def test_two_processes_on_loopback_train_like_one(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()
                   if p.name.isdigit()) == ["2", "4"]
 
+    # evaluate.py across the same two processes scores the split as one process does.
+    # (the last 0.1% of the text as its test part: a few batches)
+    eval_args = [sys.executable, "evaluate.py", f"checkpoint={run_dir}", "split=test",
+                 "data.test_fraction=0.001", "batch_size=16", "hardware=multihost", "hardware.platform=cpu",
+                 "hardware.num_cpu_devices=4", "hardware.compute_dtype=float32",
+                 f"hardware.distributed.coordinator_address=127.0.0.1:{free_port()}",
+                 "hardware.distributed.num_processes=2", "progress=false",
+                 f"output={tmp_path / 'two.json'}"]
+    procs = [subprocess.Popen([*eval_args, f"hardware.distributed.process_id={i}"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+    two_eval = json.loads((tmp_path / "two.json").read_text())
+    from chainrule.evaluation import EvaluateConfig, evaluate
+
+    one_eval = evaluate(EvaluateConfig(checkpoint=str(run_dir), split="test", batch_size=16,
+                                       data={"test_fraction": 0.001}, progress=False,
+                                       wandb=False, output=str(tmp_path / "1")))
+    assert two_eval["num_scored"] == one_eval["num_scored"] > 0
+    assert two_eval["nll_sum"] == pytest.approx(one_eval["nll_sum"], rel=1e-5)
+
 
 def test_distributed_start_up_follows_the_environment(monkeypatch):
     from chainrule.parallel import DistributedConfig

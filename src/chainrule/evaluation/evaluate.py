@@ -84,6 +84,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     shards = parallel.batch_shards(mesh, rules)
     batch_size = -(-batch_size // shards) * shards  # split evenly over the data devices
     loaded = load_run(run_dir.path, config.step)
+    # Every process reads the checkpoints' metadata (Orbax synchronises the processes there).
+    wandb_id = wandb_run_id(run_dir, saved) if config.wandb else None
     split = build_eval(data, codec=loaded.codec, split=config.split, batch_size=batch_size,
                        stride=config.stride, process_index=jax.process_index(),
                        process_count=jax.process_count())
@@ -103,22 +105,26 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                                                                          loaded.step, tag)
     if jax.process_index() == 0:
         write_json_atomic(path, results)
-        if config.wandb:
-            add_to_wandb_summary(run_dir, saved, results, f"{config.split}{'_' + tag if tag else ''}")
+        if wandb_id is not None:
+            add_to_wandb_summary(run_dir, saved, wandb_id, results,
+                                 f"{config.split}{'_' + tag if tag else ''}")
     return {**results, "path": str(path)}
 
 
-def add_to_wandb_summary(run_dir: RunDir, saved: dict[str, Any], results: dict[str, Any],
-                         name: str) -> bool:
-    """eval/<name>/<metric> into the summary of the W&B run the training logged to (its id is
-    in the checkpoints' metadata). False when the run did not log to W&B."""
-    meta = read_meta(run_dir.checkpoints) or {}
-    run_id = meta.get("wandb_run_id")
+def wandb_run_id(run_dir: RunDir, saved: dict[str, Any]) -> str | None:
+    """The id of the W&B run the training logged to (in the checkpoints' metadata); None
+    when it did not log to W&B."""
     logger = from_dict(LoggerConfig.__name__, saved.get("logger", {}))
-    if run_id is None or logger.backend != "wandb":
-        return False
+    if logger.backend != "wandb":
+        return None
+    return (read_meta(run_dir.checkpoints) or {}).get("wandb_run_id")
+
+
+def add_to_wandb_summary(run_dir: RunDir, saved: dict[str, Any], run_id: str,
+                         results: dict[str, Any], name: str) -> None:
+    """eval/<name>/<metric> into the summary of the W&B run `run_id`."""
+    logger = from_dict(LoggerConfig.__name__, saved.get("logger", {}))
     numbers = {f"eval/{name}/{k}": v for k, v in results.items()
                if isinstance(v, int | float) and not isinstance(v, bool)}
     with Tracker(run_dir.path, {}, logger, run_id=run_id, resume=True) as tracker:
         tracker.update_summary(numbers)
-    return True

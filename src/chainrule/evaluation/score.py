@@ -55,7 +55,7 @@ class Scorer:
     def __init__(self, model, mesh: jax.sharding.Mesh, rules: parallel.sharding.Rules):
         self.mesh, self.rules = mesh, rules
         self.graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, parallel.state_shardings(state, mesh, rules))
+        self.state = parallel.place_state(state, parallel.state_shardings(state, mesh, rules))
         self.step = jax.jit(functools.partial(_sums, self.graphdef),
                             out_shardings=parallel.replicated(mesh))
 

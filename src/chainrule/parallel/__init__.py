@@ -14,10 +14,11 @@ from chainrule.parallel.sharding import (
     create_sharded,
     global_batch,
     normalise_rules,
+    place_state,
     replicate,
     replicated,
     state_shardings,
 )
 
 __all__ = ["DeviceManager", "DistributedConfig", "HardwareConfig", "MeshConfig", "batch_shards", "build_mesh", "check_platform", "create_sharded", "describe",
-           "fit_to_cores", "global_batch", "normalise_rules", "replicate", "replicated", "start_runtime", "state_shardings"]
+           "fit_to_cores", "global_batch", "normalise_rules", "place_state", "replicate", "replicated", "start_runtime", "state_shardings"]

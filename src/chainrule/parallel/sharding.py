@@ -93,6 +93,21 @@ def create_sharded(create: Callable[[], Any], mesh: Mesh, rules: Rules):
     return graphdefs[0], state, shardings
 
 
+def place_state(state: Any, shardings: Any) -> Any:
+    """A state every process holds whole (weights read from a checkpoint) -> global arrays laid
+    out by `shardings`. Unlike `jax.device_put`, this works across processes: each one builds
+    the shards its own devices hold from its copy."""
+
+    def one(value, sharding):
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):  # RNG streams: as data
+            data = one(jax.random.key_data(value), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, state, shardings)
+
+
 def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
     return tuple(a for a in rules.get("batch", ()) if mesh.shape[a] > 1)
 
