@@ -35,9 +35,11 @@ def expected_devices(hardware: str, batch_size: int) -> int:
     return max(d for d in range(1, cores + 1) if batch_size % d == 0)
 
 
-# hardware=cpu with each family's smoke run is also what tests/test_cli.py runs from the shell,
-# so those three run with the slow tests; the meshes of several devices run every time.
-CASES = [pytest.param(h, m, marks=[pytest.mark.slow] if h == "cpu" else [])
+# Each family's smoke run on hardware=cpu_cores (train.yaml's default) is what tests/test_cli.py
+# runs from the shell, and in-process smoke runs on hardware=cpu are what tests/test_rundir.py
+# and tests/test_evaluate.py train, so those six run with the slow tests; the 8-device mesh
+# runs every time.
+CASES = [pytest.param(h, m, marks=[pytest.mark.slow] if h != "cpu_mesh" else [])
          for h in HARDWARE for m in MODELS]
 
 

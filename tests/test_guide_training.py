@@ -160,6 +160,7 @@ def test_guide_train_step_runs_with_fresh_dropout_masks(family):
     assert not np.array_equal(model(x, training=True, rngs=rngs)["logits"], evaluated[0])
 
 
+@pytest.mark.slow  # the snippet runs in the fast suite (..._with_fresh_dropout_masks, lr 0)
 @pytest.mark.parametrize("family", ["transformer", "pixelcnn", "wavenet"])
 def test_guide_train_step_trains(family):
     build, data_key, data = FAMILIES[family]
