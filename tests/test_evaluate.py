@@ -5,7 +5,6 @@ device and on an 8-device mesh, and from the command line."""
 import json
 import subprocess
 import sys
-import wave
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from chainrule.data.text import load_text, split_text
 from chainrule.evaluation import EvaluateConfig, evaluate
 from chainrule.evaluation.evaluate import data_config
 from chainrule.parallel.config import HardwareConfig, MeshConfig
+from chainrule.tracking import write_wav
 from chainrule.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,13 +177,10 @@ def test_images_equal_an_image_by_image_computation(tmp_path):
 def make_audio(folder: Path) -> list[str]:
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i, seconds in enumerate((0.02, 0.05, 0.011)):  # clips shorter than a window, padded
-        pcm = (rng.normal(0, 0.3, int(8000 * seconds)).clip(-1, 1) * 32000).astype(np.int16)
-        with wave.open(str(folder / f"clip{i}.wav"), "wb") as f:
-            f.setnchannels(1)
-            f.setsampwidth(2)
-            f.setframerate(8000)
-            f.writeframes(pcm.tobytes())
+    # 3 files: each is cut 80/10/10 in time; the train part of the 48-sample clip (38 samples)
+    # is shorter than a 65-sample window, so its window is padded with silence
+    for i, samples in enumerate((160, 400, 48)):
+        write_wav(folder / f"clip{i}.wav", rng.normal(0, 0.3, samples), 8000)
     return ["model=wavenet", "data=wav_folder", f"data.path={folder}",
             "data.sequence_length=64"]
 
@@ -197,6 +194,7 @@ def test_audio_equals_a_window_by_window_computation_without_the_padding(tmp_pat
     def call(window):
         return logits_of(model, jnp.asarray(window[None].astype(np.int32)))[0]
 
+    assert min(len(c) for c in clips) < 65  # a padded window is scored too
     expected = sum(reference_sequence_nll(call, c, 64, 40) for c in clips)
     assert results["samples"] == results["num_scored"] == sum(len(c) - 1 for c in clips)
     assert results["nll_sum"] == pytest.approx(expected, rel=1e-6)
