@@ -258,7 +258,9 @@ def test_beam_wider_than_the_hypotheses_returns_only_those_that_exist(eos_id):
         model.beam_search(prompt=[1], beam_size=2, max_length=2, eos_id=3)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
+# 0.6 (GNMT's) every time; 0 and 1 with the slow tests (the old search failed at all three)
+@pytest.mark.parametrize("alpha", [pytest.param(0.0, marks=pytest.mark.slow), 0.6,
+                                   pytest.param(1.0, marks=pytest.mark.slow)])
 def test_a_finished_hypothesis_is_not_crowded_out_by_live_beams(alpha):
     """eos is the least likely first token, yet ending there is the best hypothesis: a beam of
     2 must still return it (finished hypotheses do not compete for the live slots)."""

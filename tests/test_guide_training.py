@@ -134,7 +134,10 @@ def test_the_snippet_is_the_guides():
         assert GUIDE_TRAIN_STEP in guide.read_text(encoding="utf-8"), guide.name
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# transformer_ar (the guide's alias of the Transformer) with the slow tests
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow]
+                                                 if f == "transformer_ar" else [])
+                                    for f in sorted(FAMILIES)])
 def test_guide_train_step_runs_with_fresh_dropout_masks(family):
     build, data_key, data = FAMILIES[family]
     rngs = nnx.Rngs(params=0, dropout=1, sample=2)
