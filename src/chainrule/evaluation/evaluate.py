@@ -12,6 +12,7 @@ to W&B, into its summary as eval/<split>/<metric>.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -68,10 +69,10 @@ def _mesh(config: EvaluateConfig, batch_size: int):
     return mesh, parallel.normalise_rules(config.hardware.axis_rules)
 
 
-def _batch_size(config: EvaluateConfig, saved: dict[str, Any]) -> int:
-    """The requested size, or BATCH_FACTOR training batches, as a multiple of the processes."""
-    size = config.batch_size or BATCH_FACTOR * saved["data"]["batch_size"]
-    step = jax.process_count() if jax.distributed.is_initialized() else 1
+def _fit_batch(size: int, mesh, rules) -> int:
+    """`size` rounded up so that it splits evenly over the data devices and the processes
+    (each process feeds its own rows). Call once the runtime has started."""
+    step = math.lcm(parallel.batch_shards(mesh, rules), jax.process_count())
     return -(-size // step) * step
 
 
@@ -79,13 +80,12 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     run_dir = RunDir.existing(config.checkpoint)
     saved = read_record(run_dir)["config"]
     data = data_config(saved, config.data)
-    batch_size = _batch_size(config, saved)
-    mesh, rules = _mesh(config, batch_size)
-    shards = parallel.batch_shards(mesh, rules)
-    batch_size = -(-batch_size // shards) * shards  # split evenly over the data devices
+    requested = config.batch_size or BATCH_FACTOR * saved["data"]["batch_size"]
+    mesh, rules = _mesh(config, requested)
+    batch_size = _fit_batch(requested, mesh, rules)
     loaded = load_run(run_dir.path, config.step)
     # Every process reads the checkpoints' metadata (Orbax synchronises the processes there).
-    wandb_id = wandb_run_id(run_dir, saved) if config.wandb else None
+    wandb_run = wandb_target(run_dir, saved) if config.wandb else None
     split = build_eval(data, codec=loaded.codec, split=config.split, batch_size=batch_size,
                        stride=config.stride, process_index=jax.process_index(),
                        process_count=jax.process_count())
@@ -105,25 +105,23 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
                                                                          loaded.step, tag)
     if jax.process_index() == 0:
         write_json_atomic(path, results)
-        if wandb_id is not None:
-            add_to_wandb_summary(run_dir, saved, wandb_id, results,
+        if wandb_run is not None:
+            add_to_wandb_summary(run_dir, *wandb_run, results,
                                  f"{config.split}{'_' + tag if tag else ''}")
     return {**results, "path": str(path)}
 
 
-def wandb_run_id(run_dir: RunDir, saved: dict[str, Any]) -> str | None:
-    """The id of the W&B run the training logged to (in the checkpoints' metadata); None
-    when it did not log to W&B."""
+def wandb_target(run_dir: RunDir, saved: dict[str, Any]) -> tuple[LoggerConfig, str] | None:
+    """(the run's logger config, the id of the W&B run the training logged to, from the
+    checkpoints' metadata); None when it did not log to W&B."""
     logger = from_dict(LoggerConfig.__name__, saved.get("logger", {}))
-    if logger.backend != "wandb":
-        return None
-    return (read_meta(run_dir.checkpoints) or {}).get("wandb_run_id")
+    run_id = (read_meta(run_dir.checkpoints) or {}).get("wandb_run_id")
+    return None if logger.backend != "wandb" or run_id is None else (logger, run_id)
 
 
-def add_to_wandb_summary(run_dir: RunDir, saved: dict[str, Any], run_id: str,
+def add_to_wandb_summary(run_dir: RunDir, logger: LoggerConfig, run_id: str,
                          results: dict[str, Any], name: str) -> None:
     """eval/<name>/<metric> into the summary of the W&B run `run_id`."""
-    logger = from_dict(LoggerConfig.__name__, saved.get("logger", {}))
     numbers = {f"eval/{name}/{k}": v for k, v in results.items()
                if isinstance(v, int | float) and not isinstance(v, bool)}
     with Tracker(run_dir.path, {}, logger, run_id=run_id, resume=True) as tracker:

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from chainrule import parallel
 from chainrule.data.evaluation import EvalSplit
+from chainrule.training.steps import SCORED
 
-SCORED = "num_scored"
 IN_FLIGHT = 4  # batches dispatched before the host reads a result back (keeps the device busy)
 
 
