@@ -12,6 +12,8 @@ from flax import nnx
 from chainrule.config import build, register, schema_of
 from chainrule.models.base import AutoregressiveModel, ModelConfig, complete_config
 from chainrule.models.guide import ConditionalPixelCNN, PrefixTunedTransformer, TransformerAR
+from chainrule.models.hf import from_pretrained, save_pretrained
+from chainrule.models.lora import LoRAConfig, merge_lora
 from chainrule.models.pixelcnn import PixelCNN, PixelCNNConfig
 from chainrule.models.transformer import (
     TransformerAutoregressiveModel,
@@ -56,4 +58,8 @@ __all__ = [
     "build_model",
     "complete_config",
     "family_name",
+    "from_pretrained",
+    "LoRAConfig",
+    "merge_lora",
+    "save_pretrained",
 ]

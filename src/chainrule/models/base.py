@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from chainrule.models.lora import LoRAParam
+
 Batch = dict[str, jax.Array]
 # Compute dtypes a model config's `dtype` may name; parameters are always float32.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -70,7 +72,7 @@ class PrefixParam(nnx.Param):
 
 
 # What `optimizer.trainable` selects: the variables that get gradients and optimizer state.
-TRAINABLE = {"all": nnx.Param, "prefix": PrefixParam}
+TRAINABLE = {"all": nnx.Param, "prefix": PrefixParam, "lora": LoRAParam}
 
 
 # Folded into the constructor's parameter key to derive a model's own dropout key when its

@@ -39,11 +39,11 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     momentum: float = 0.9  # sgd
     grad_clip_norm: float | None = 1.0
-    trainable: str = "all"  # "all" | "prefix" (prefix tuning: everything else frozen)
+    trainable: str = "all"  # "all" | "prefix" | "lora" (prefix tuning / LoRA: the rest frozen)
 
     def __post_init__(self) -> None:
-        check(self.trainable in ("all", "prefix"),
-               f"optimizer.trainable={self.trainable!r}; expected 'all' or 'prefix'")
+        check(self.trainable in ("all", "prefix", "lora"),
+               f"optimizer.trainable={self.trainable!r}; expected 'all', 'prefix' or 'lora'")
         check(self.name in OPTIMIZERS, f"optimizer.name={self.name!r}; expected one of {OPTIMIZERS}")
         check(self.schedule in SCHEDULES,
                f"optimizer.schedule={self.schedule!r}; expected one of {SCHEDULES}")

@@ -24,7 +24,7 @@ from chainrule.config import from_dict, to_dict
 from chainrule.data.base import Codec, build_data, load_codec
 from chainrule.data.text import TextCodec
 from chainrule.data.tokenizers import load_tokenizer
-from chainrule.models import AutoregressiveModel, build_model, complete_config, family_name
+from chainrule.models import AutoregressiveModel, build_model, complete_config, family_name, hf
 from chainrule.models.base import TRAINABLE, ModelConfig
 from chainrule.rundir import RunDir
 from chainrule.training.optim import OptimizerConfig, build_optimizer
@@ -77,7 +77,8 @@ def read_record(run_dir: RunDir) -> dict[str, Any]:
     meta = read_meta(run_dir.checkpoints) if run_dir.has_checkpoints() else None
     if not meta or "_types" not in meta.get("config", {}):
         raise ValueError(f"no chainrule checkpoint in {run_dir.path}: expected a training run "
-                         f"directory with {RunDir.RUN_FILE} and checkpoints/")
+                         f"directory with {RunDir.RUN_FILE} and checkpoints/, or a Hugging "
+                         f"Face model directory ({hf.CONFIG_FILE} + {hf.WEIGHTS_FILE})")
     return _format1_record(run_dir, meta["config"])
 
 
@@ -123,8 +124,14 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
 
     Weights come from checkpoint `step`, else the best (lowest validation loss), else (none
     recorded, or the best damaged) the newest readable one. No data is read.
+    A Hugging Face GPT-2 directory loads too (`load_pretrained`).
     """
     run_dir = RunDir.existing(run_dir)
+    if hf.is_pretrained_dir(run_dir.path):
+        if step is not None:
+            raise ValueError(f"step={step}: {run_dir.path} is a Hugging Face model directory, "
+                             "which holds one set of weights; expected no step=")
+        return load_pretrained(run_dir.path)
     record = read_record(run_dir)
     model_config = from_dict(record["model"]["type"], record["model"]["config"])
     codec = load_codec(record["codec"])
@@ -144,3 +151,11 @@ def load_run(run_dir: str | Path, step: int | None = None) -> LoadedRun:
                          "saved at least one step")
     model, _ = nnx.merge(graphdef, with_streams(restored.state["model"], state))
     return LoadedRun(model, codec, restored.step, saved)
+
+
+def load_pretrained(path: str | Path) -> LoadedRun:
+    """A local Hugging Face GPT-2 directory as a run: its model, its tokenizer.json as the
+    codec, step 0 and a config that names where it came from."""
+    model = hf.from_pretrained(path)
+    codec = TextCodec(hf.pretrained_tokenizer(path, model.config.vocab_size))
+    return LoadedRun(model, codec, 0, {"pretrained": str(path), "format": "hf"})

@@ -25,7 +25,8 @@ from flax import nnx
 from chainrule import parallel
 from chainrule.checkpoint import Checkpointer
 from chainrule.data.base import DataBundle, build_data
-from chainrule.models import AutoregressiveModel, build_model, complete_config, family_name
+from chainrule.data.text import TextCodec
+from chainrule.models import AutoregressiveModel, build_model, complete_config, family_name, hf
 from chainrule.models.base import TRAINABLE, ModelConfig
 from chainrule.parallel.config import HardwareConfig
 from chainrule.rundir import RunDir
@@ -51,7 +52,24 @@ def check_run(cfg: TrainConfig, run_dir: str | Path | None) -> HardwareConfig:
     parallel.start_runtime(hardware)
     if run_dir is not None:
         check_resumable(cfg, run_dir)
+    check_pretrained(cfg)
     return hardware
+
+
+def check_pretrained(cfg: TrainConfig) -> None:
+    """init_from=<Hugging Face dir>: the run takes that GPT-2's architecture and tokenizer, so
+    the data must use a bpe tokenizer (the checkpoint's) and fit its context."""
+    if not cfg.init_from or not hf.is_pretrained_dir(cfg.init_from):
+        return
+    arch = hf.with_architecture(cfg.model, cfg.init_from)
+    hf.pretrained_tokenizer(cfg.init_from, arch.vocab_size)
+    if getattr(cfg.data, "tokenizer", None) != "bpe":
+        raise ValueError(f"init_from={cfg.init_from} brings its own tokenizer (tokenizer.json): "
+                         f"expected data.tokenizer=bpe, got {getattr(cfg.data, 'tokenizer', None)!r}")
+    if cfg.data.sequence_length > arch.sequence_length:
+        raise ValueError(f"data.sequence_length={cfg.data.sequence_length} is longer than the "
+                         f"context of init_from={cfg.init_from} ({arch.sequence_length} "
+                         "positions); expected at most that")
 
 
 def check_batch_layout(batch_size: int, accum: int, shards: int) -> None:
@@ -120,10 +138,16 @@ class Run:
 
 def build_run_data(cfg: TrainConfig, run_dir: RunDir | None) -> tuple[DataBundle, ModelConfig]:
     """This process's data pipeline, and the model config completed by its codec."""
-    # A resumed run keeps the codec it has (a text run its tokenizer).
-    data = build_data(cfg.data, codec=saved_codec(run_dir), process_index=jax.process_index(),
+    # A resumed run keeps the codec it has (a text run its tokenizer); a run started from a
+    # Hugging Face checkpoint takes its architecture and tokenizer.
+    codec, model_config = saved_codec(run_dir), cfg.model
+    if cfg.init_from and hf.is_pretrained_dir(cfg.init_from):
+        model_config = hf.with_architecture(cfg.model, cfg.init_from)
+        codec = codec or TextCodec(hf.pretrained_tokenizer(cfg.init_from,
+                                                           model_config.vocab_size))
+    data = build_data(cfg.data, codec=codec, process_index=jax.process_index(),
                       process_count=jax.process_count())
-    return data, complete_config(cfg.model, data.codec.model_fields())
+    return data, complete_config(model_config, data.codec.model_fields())
 
 
 def assemble(cfg: TrainConfig, run_dir: RunDir | None, mesh: jax.sharding.Mesh, *,
@@ -152,7 +176,8 @@ def assemble(cfg: TrainConfig, run_dir: RunDir | None, mesh: jax.sharding.Mesh, 
     model, optimizer = nnx.merge(graphdef, state)
     if not jax.tree.leaves(nnx.state(model, wrt)):
         raise ValueError(f"optimizer.trainable={cfg.optimizer.trainable} but the model has no "
-                         f"such parameters (prefix tuning needs model.prefix_length > 0)")
+                         f"such parameters (prefix tuning needs model.prefix_length > 0, LoRA "
+                         f"model.lora.rank > 0)")
     if cfg.init_from:
         init_weights(model, cfg.init_from)
         state = jax.device_put(nnx.state((model, optimizer)), shardings)

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from flax import nnx
 
 from chainrule.config import check
 from chainrule.models.base import DTYPES, ModelConfig
+from chainrule.models.lora import LoRAConfig
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope")
-ACTIVATIONS = {"gelu": nnx.gelu, "relu": nnx.relu, "silu": nnx.silu, "swish": nnx.silu}
-
+# "gelu" is the tanh approximation (GPT-2's "gelu_new"); "gelu_exact" the erf form.
+ACTIVATIONS = {"gelu": nnx.gelu, "gelu_exact": functools.partial(nnx.gelu, approximate=False),
+               "relu": nnx.relu, "silu": nnx.silu, "swish": nnx.silu}
 
 
 
@@ -30,9 +33,12 @@ class TransformerNetworkConfig:
     dropout_rate: float = 0.1
     use_bias: bool = True  # biases in the linear layers and layer norms (nanoGPT: bias=False)
     rope_base: float = 10000.0
+    layer_norm_epsilon: float = 1e-5
 
     def __post_init__(self) -> None:
         self.hidden_dims = tuple(self.hidden_dims)
+        check(self.layer_norm_epsilon > 0,
+              f"network.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
         check(self.embed_dim > 0, f"network.embed_dim must be > 0, got {self.embed_dim}")
         check(self.num_heads > 0, f"network.num_heads must be > 0, got {self.num_heads}")
         check(self.embed_dim % self.num_heads == 0,
@@ -71,6 +77,7 @@ class TransformerConfig(ModelConfig):
     dtype: str | None = None  # compute dtype (None: float32, or hardware.compute_dtype in
     #                           train.py); parameters and optimizer state stay float32
     remat: bool = False  # recompute each block's activations in the backward pass (memory)
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)  # rank 0: no adapters
 
     def width(self) -> int:
         return self.network.embed_dim
@@ -78,6 +85,8 @@ class TransformerConfig(ModelConfig):
     def __post_init__(self) -> None:
         if isinstance(self.network, dict):
             self.network = TransformerNetworkConfig(**self.network)
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig(**self.lora)
         check(self.vocab_size is None or self.vocab_size > 0,
                f"vocab_size must be > 0, got {self.vocab_size}")
         check(self.sequence_length > 0, f"sequence_length must be > 0, got {self.sequence_length}")

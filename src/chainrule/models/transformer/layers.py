@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from chainrule.models.base import PrefixParam, logical
+from chainrule.models.lora import Linear, LoRAConfig
 from chainrule.models.transformer.config import ACTIVATIONS, TransformerNetworkConfig
 
 
@@ -43,20 +44,25 @@ def _masked_attention(q, keys_t, values, mask):
     return jnp.einsum("nts,nsd->ntd", weights, values)
 
 
-def _dense(rngs, d_in, d_out, axes, *, std=0.02, dtype=jnp.float32, use_bias=True):
+def _dense(rngs, d_in, d_out, axes, *, std=0.02, dtype=jnp.float32, use_bias=True,
+           lora: LoRAConfig | None = None, target: str = ""):
+    """A linear layer, with a LoRA adapter when `lora` names its `target`."""
     init = logical(nnx.initializers.normal(std), *axes)
-    return nnx.Linear(d_in, d_out, kernel_init=init, use_bias=use_bias, dtype=dtype, rngs=rngs)
+    rank = lora.rank_for(target) if lora is not None else 0
+    return Linear(d_in, d_out, kernel_init=init, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                  lora_rank=rank, lora_scale=lora.scale if rank else 0.0)
 
 
 class CausalSelfAttention(nnx.Module):
     def __init__(self, net: TransformerNetworkConfig, num_layers: int, dtype, prefix_length: int,
-                 *, rngs: nnx.Rngs):
+                 *, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         d, self.num_heads = net.embed_dim, net.num_heads
         self.rope_base = net.rope_base if net.positional_encoding == "rope" else None
-        self.qkv = _dense(rngs, d, 3 * d, ("embed", "heads"), dtype=dtype, use_bias=net.use_bias)
+        self.qkv = _dense(rngs, d, 3 * d, ("embed", "heads"), dtype=dtype, use_bias=net.use_bias,
+                          lora=lora, target="qkv")
         # GPT-2: residual projections scaled by 1/sqrt(2 * layers) keep the residual stream's scale.
         self.proj = _dense(rngs, d, d, ("heads", "embed"), std=0.02 / math.sqrt(2 * num_layers),
-                           dtype=dtype, use_bias=net.use_bias)
+                           dtype=dtype, use_bias=net.use_bias, lora=lora, target="proj")
         # Li & Liang (2021): learned keys/values that every query may attend to.
         shape = (prefix_length, self.num_heads, d // self.num_heads)
         self.prefix_k = (PrefixParam(jax.random.normal(rngs.params(), shape) * 0.5)
@@ -117,14 +123,17 @@ class Block(nnx.Module):
     """Pre-LN block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
     def __init__(self, net: TransformerNetworkConfig, num_layers: int, dropout: float, dtype,
-                 prefix_length: int = 0, *, rngs: nnx.Rngs):
+                 prefix_length: int = 0, *, rngs: nnx.Rngs, lora: LoRAConfig | None = None):
         d, hidden = net.embed_dim, int(net.embed_dim * net.mlp_ratio)
-        self.ln1 = nnx.LayerNorm(d, epsilon=1e-5, use_bias=net.use_bias, dtype=dtype, rngs=rngs)
-        self.attn = CausalSelfAttention(net, num_layers, dtype, prefix_length, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(d, epsilon=1e-5, use_bias=net.use_bias, dtype=dtype, rngs=rngs)
-        self.fc = _dense(rngs, d, hidden, ("embed", "mlp"), dtype=dtype, use_bias=net.use_bias)
+        eps, bias = net.layer_norm_epsilon, net.use_bias
+        self.ln1 = nnx.LayerNorm(d, epsilon=eps, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.attn = CausalSelfAttention(net, num_layers, dtype, prefix_length, rngs=rngs,
+                                        lora=lora)
+        self.ln2 = nnx.LayerNorm(d, epsilon=eps, use_bias=bias, dtype=dtype, rngs=rngs)
+        self.fc = _dense(rngs, d, hidden, ("embed", "mlp"), dtype=dtype, use_bias=bias,
+                         lora=lora, target="fc")
         self.out = _dense(rngs, hidden, d, ("mlp", "embed"), std=0.02 / math.sqrt(2 * num_layers),
-                          dtype=dtype, use_bias=net.use_bias)
+                          dtype=dtype, use_bias=bias, lora=lora, target="out")
         self.activation = ACTIVATIONS[net.activation]
         self.dropout = nnx.Dropout(dropout)
 

@@ -51,9 +51,9 @@ class TransformerAutoregressiveModel(AutoregressiveModel):
                           if net.positional_encoding == "learned" else None)
         self.embed_dropout = nnx.Dropout(config.effective_dropout)
         self.blocks = nnx.List([Block(net, config.num_layers, config.effective_dropout, dtype,
-                                      config.prefix_length, rngs=rngs)
+                                      config.prefix_length, rngs=rngs, lora=config.lora)
                                 for _ in range(config.num_layers)])
-        self.ln_f = nnx.LayerNorm(d, epsilon=1e-5, use_bias=net.use_bias, dtype=dtype,
+        self.ln_f = nnx.LayerNorm(d, epsilon=net.layer_norm_epsilon, use_bias=net.use_bias, dtype=dtype,
                                  rngs=rngs)
         self.lm_head = (None if config.tie_weights else
                         _dense(rngs, d, config.vocab_size, ("embed", "vocab"), dtype=dtype,
