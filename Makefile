@@ -7,7 +7,7 @@ ARGS   ?=
 SWEEP  ?= transformer_scaling_cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sample evaluate sweep sweep-report test test-full lint format bench clean
+.PHONY: help install train sample evaluate export sweep sweep-report test test-full lint format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -15,6 +15,8 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# CPU-only torch (for transformers, the tests' reference), not the multi-GB CUDA build
+	$(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
@@ -28,6 +30,9 @@ sample: $(STAMP)  ## sample from a run: make sample ARGS="checkpoint=outputs/...
 
 evaluate: $(STAMP)  ## score a run on a whole split: make evaluate ARGS="checkpoint=outputs/... split=test"
 	$(PY) evaluate.py $(ARGS)
+
+export: $(STAMP)  ## a run as a Hugging Face GPT-2 directory: make export ARGS="checkpoint=outputs/... out=hf/"
+	$(PY) export.py format=hf $(ARGS)
 
 sweep: $(STAMP)  ## run a sweep preset from sweeps/ (SWEEP=transformer_scaling_cpu: ~8 min on 2 cores), then its report
 	$(PY) train.py -m sweep=$(SWEEP) $(ARGS); status=$$?; \
@@ -43,11 +48,11 @@ test-full: $(STAMP)  ## every test, the slow ones included
 	$(PY) -m pytest -q -n 2 --dist loadfile -m '' $(ARGS)
 
 lint: $(STAMP)  ## ruff checks
-	$(VENV)/bin/ruff check src tests bench train.py sample.py evaluate.py
+	$(VENV)/bin/ruff check src tests bench train.py sample.py evaluate.py export.py
 
 format: $(STAMP)  ## ruff format + import sorting
-	$(VENV)/bin/ruff check --fix --select I src tests bench train.py sample.py evaluate.py
-	$(VENV)/bin/ruff format src tests bench train.py sample.py evaluate.py
+	$(VENV)/bin/ruff check --fix --select I src tests bench train.py sample.py evaluate.py export.py
+	$(VENV)/bin/ruff format src tests bench train.py sample.py evaluate.py export.py
 
 bench: $(STAMP)  ## run the benchmarks in bench/ (prints figures, writes bench/results/)
 	$(PY) bench/run_all.py $(ARGS)

@@ -1,7 +1,9 @@
 """Hugging Face GPT-2 import and export, checked against `transformers` itself: a tiny random
 GPT2LMHeadModel (2 layers, 64 wide, vocabulary 100) saved with `save_pretrained`."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,7 @@ from chainrule.models.hf import (  # noqa: E402
 from chainrule.models.transformer import TransformerAutoregressiveModel  # noqa: E402
 
 VOCAB = 100
+REPO = Path(__file__).resolve().parents[1]
 TEXT = ("the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs! "
         "how vexingly quick daft zebras jump. sphinx of black quartz, judge my vow.\n") * 20
 
@@ -192,3 +195,109 @@ def test_adapting_an_imported_base_leaves_it_bitwise(tiny_hf, tmp_path, trainabl
     fresh_new = dict(nnx.state(fresh, nnx.Param).flat_state())
     assert any(not np.array_equal(np.asarray(trained[p][...]), np.asarray(fresh_new[p][...]))
                for p in new)  # the prefix / adapters did train
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def broken_copy(src, dst, change):
+    """A copy of the tiny HF directory with one thing wrong."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    if change == "no_config":
+        (dst / "config.json").unlink()
+    elif change == "no_safetensors":
+        (dst / "model.safetensors").rename(dst / "pytorch_model.bin")
+    elif change == "model_type":
+        config["model_type"] = "llama"
+    elif change == "shape":
+        config["n_positions"] = 128
+    elif change == "layers":
+        config["n_layer"] = 3
+    elif change == "tokenizer":
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(dst / "tokenizer.json"))
+        tok.add_tokens(["<extra>"])
+        tok.save(str(dst / "tokenizer.json"))
+    if (dst / "config.json").exists():
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    ("no_config", r"no chainrule checkpoint in .*or a Hugging Face model directory"),
+    ("no_safetensors", r"has no model.safetensors: .*pytorch_model.bin is a pickle"),
+    ("model_type", r"model_type='llama' is not supported; expected one of \['gpt2'\]"),
+    ("shape", r"wpe.weight has shape \(64, 64\) but config.json says \(128, 64\)"),
+    ("layers", r"lacks h.2.ln_1.weight"),
+    ("tokenizer", r"vocabulary of 101 tokens but the weights have 100"),
+])
+def test_bad_pretrained_dir_is_one_line(tiny_hf, tmp_path, change, message):
+    """load_run (what sample.py checkpoint=, export.py and init_from= call) on a broken HF
+    directory: one ValueError line naming the file and what was expected."""
+    from chainrule.training.restore import load_run
+
+    path, _ = tiny_hf
+    broken = broken_copy(path, tmp_path / change, change)
+    with pytest.raises(ValueError, match=message) as err:
+        load_run(broken)
+    assert "\n" not in str(err.value)
+
+
+def test_init_from_hf_needs_its_tokenizer_kind(tiny_hf, tmp_path):
+    from chainrule.training.run import check_pretrained
+
+    path, _ = tiny_hf
+    cfg = adapt_config(path, tmp_path / "corpus.txt", "prefix", prefix_length=4)
+    with pytest.raises(ValueError, match="expected data.tokenizer=bpe, got 'char'"):
+        check_pretrained(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                           tokenizer="char")))
+    with pytest.raises(ValueError, match="data.sequence_length=100 is longer than the context"):
+        check_pretrained(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                           sequence_length=100)))
+
+
+@pytest.mark.slow  # three commands in subprocesses and a training run: ~40 s
+def test_export_cli_merges_lora_and_sample_cli_reads_hf(tiny_hf, tmp_path):
+    """The commands: a LoRA run refuses to export unmerged (exit 2, one line), exports with
+    merge_lora=true to a directory transformers loads with the merged logits; sample.py
+    reads an HF directory."""
+    import os
+    import subprocess
+    import sys
+
+    from chainrule.models.lora import LoRAConfig, merge_lora
+    from chainrule.training.restore import load_run
+    from chainrule.training.train import train
+
+    path, _ = tiny_hf
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 4)
+    train(adapt_config(path, corpus, "lora", lora=LoRAConfig(rank=4)), tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+
+    def cli(script, *args):
+        return subprocess.run([sys.executable, str(REPO / script), *args], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    refused = cli("export.py", f"checkpoint={tmp_path / 'run'}", f"out={tmp_path / 'hf'}")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: cannot export to GPT-2: this model uses LoRA adapters (lora.rank=4): export "
+        "with merge_lora=true to fold them into the weights"]
+    done = cli("export.py", f"checkpoint={tmp_path / 'run'}", f"out={tmp_path / 'hf'}",
+               "merge_lora=true")
+    assert done.returncode == 0, done.stderr
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    tokens = np.random.default_rng(2).integers(0, VOCAB, (2, 24))
+    merged = merge_lora(load_run(tmp_path / "run").model)
+    np.testing.assert_allclose(hf_logits(reference, tokens), np.asarray(merged(tokens)["logits"]),
+                               atol=1e-4, rtol=0)
+    sampled = cli("sample.py", f"checkpoint={tmp_path / 'hf'}", "prompt=the quick",
+                  "sampler=greedy", "sampler.max_new_tokens=8", "sampler.num_samples=1",
+                  f"output={tmp_path / 'samples'}")
+    assert sampled.returncode == 0, sampled.stderr
+    assert "the quick" in sampled.stdout

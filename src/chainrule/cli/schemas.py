@@ -1,6 +1,6 @@
 """Hydra's ConfigStore filled from the one registration of every config schema
 (`chainrule.config.register`): `<group>/<name>_schema` for each, plus the two primary
-configs, `train_schema`, `sample_schema` and `evaluate_schema`. The YAML files in conf/ extend these."""
+configs, `train_schema`, `sample_schema`, `evaluate_schema` and `export_schema`. The YAML files in conf/ extend these."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from chainrule.config import schemas
 from chainrule.evaluation.config import EvaluateConfig
 from chainrule.sampling.config import SampleConfig
 from chainrule.training.config import TrainConfig
+from chainrule.training.export import ExportConfig
 
 
 def register_configs() -> None:
@@ -20,5 +21,6 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainConfig)
     store.store(name="sample_schema", node=SampleConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="export_schema", node=ExportConfig)
     for schema in schemas():
         store.store(group=schema.group, name=f"{schema.name}_schema", node=schema.type)
