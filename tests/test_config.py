@@ -18,7 +18,9 @@ FAMILY_OF_DATA = {"TextDataConfig": "transformer", "ImageDataConfig": "pixelcnn"
                   "AudioDataConfig": "wavenet"}
 NEEDS_PATH = {"text_file": ["data.path=README.md"], "image_folder": ["data.path=."],
               "wav_folder": ["data.path=."], "mnist": [], "cifar10": ["data.path=."],
-              "speculative": ["sampler.draft_checkpoint=."]}
+              "speculative": ["sampler.draft_checkpoint=."],
+              "gpt2_prefix_tune": ["init_from=.", "data.path=README.md"],
+              "gpt2_lora_tune": ["init_from=.", "data.path=README.md"]}
 
 
 def options(group):
