@@ -7,7 +7,7 @@ ARGS   ?=
 SWEEP  ?= transformer_scaling_cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sample evaluate export sweep sweep-report test test-full lint format bench clean
+.PHONY: help install train prepare sample evaluate export sweep sweep-report test test-full lint format bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ install: $(STAMP)  ## create .venv and install chainrule with its dev tools
 
 train: $(STAMP)  ## train the default experiment (char-level Transformer on Shakespeare); ARGS="key=value ..."
 	$(PY) train.py $(ARGS)
+
+prepare: $(STAMP)  ## prepare data once into shards: make prepare ARGS="data=text_file data.path=corpus/ [out=dir]"
+	$(PY) prepare.py $(ARGS)
 
 sample: $(STAMP)  ## sample from a run: make sample ARGS="checkpoint=outputs/... prompt=ROMEO:"
 	$(PY) sample.py $(ARGS)
@@ -48,11 +51,11 @@ test-full: $(STAMP)  ## every test, the slow ones included
 	$(PY) -m pytest -q -n 2 --dist loadfile -m '' $(ARGS)
 
 lint: $(STAMP)  ## ruff checks
-	$(VENV)/bin/ruff check src tests bench train.py sample.py evaluate.py export.py
+	$(VENV)/bin/ruff check src tests bench train.py sample.py evaluate.py export.py prepare.py
 
 format: $(STAMP)  ## ruff format + import sorting
-	$(VENV)/bin/ruff check --fix --select I src tests bench train.py sample.py evaluate.py export.py
-	$(VENV)/bin/ruff format src tests bench train.py sample.py evaluate.py export.py
+	$(VENV)/bin/ruff check --fix --select I src tests bench train.py sample.py evaluate.py export.py prepare.py
+	$(VENV)/bin/ruff format src tests bench train.py sample.py evaluate.py export.py prepare.py
 
 bench: $(STAMP)  ## run the benchmarks in bench/ (prints figures, writes bench/results/)
 	$(PY) bench/run_all.py $(ARGS)

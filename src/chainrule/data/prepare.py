@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from omegaconf import MISSING
 
 from chainrule.data.documents import Piece, read_pieces
 from chainrule.data.prepared import (
@@ -403,6 +404,7 @@ def prepare_text(files: list[Path], out: Path, prep: TextPreparation, *,
         splits = {s: _finish_split(work, s, records, plan["dtype"]) for s in SPLITS}
         tokenizer = _worker_tokenizer(str(work / "tokenizer.json"))
         shutil.rmtree(work / "units")
+        (work / "plan.json").unlink()
         write_manifest(work, key, "text", data=data, sources=plan["sources"],
                        tokenizer="tokenizer.json", vocab_size=tokenizer.vocab_size,
                        eos_id=tokenizer.eos_id, dtype=plan["dtype"], splits=splits)
@@ -454,3 +456,44 @@ def prepare_data(config: Any, out: str | Path | None = None, **kwargs: Any) -> P
         raise ValueError(f"{type(config).__name__} data cannot be prepared; known: "
                          f"{', '.join(t.__name__ for t in _PREPARERS)}")
     return preparer(config, None if out is None else Path(out).expanduser(), **kwargs)
+
+
+# ----------------------------------------------------------------------------- prepare.py
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    """What prepare.py composes (conf/prepare.yaml): a data option and where to write.
+
+    out:       the prepared directory (None: the data cache, where train.py finds it again);
+    init_from: a run directory whose tokenizer the text is encoded with (nothing fitted).
+    """
+
+    data: Any = MISSING
+    out: str | None = None
+    init_from: str | None = None
+
+
+def prepare_from_config(config: PrepareConfig) -> Path:
+    kwargs: dict[str, Any] = {}
+    if config.init_from:
+        from chainrule.data.base import load_codec
+        from chainrule.rundir import RunDir
+
+        record = RunDir.existing(config.init_from, "init_from").read_run() or {}
+        codec = load_codec(record.get("codec"))
+        if codec.kind != "text":
+            raise ValueError(f"init_from={config.init_from}: the run's data is {codec.kind}; "
+                             "only text is encoded with a run's tokenizer")
+        kwargs["tokenizer"] = codec.tokenizer
+    return prepare_data(config.data, config.out, **kwargs)
+
+
+def summary(root: Path) -> str:
+    """A few lines on a prepared directory: kind, dtype, per-split counts."""
+    manifest = read_manifest(root)
+    lines = [f"prepared {manifest['kind']} data: {root}"]
+    for split, entry in manifest["splits"].items():
+        counts = ", ".join(f"{v:,} {k}" for k, v in entry["counts"].items())
+        lines.append(f"  {split:5s} {counts}")
+    return "\n".join(lines)

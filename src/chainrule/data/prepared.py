@@ -215,7 +215,7 @@ class PreparedDataConfig(DataConfig):
     source: str = "prepared"
     path: str | None = None
     batch_size: int = 32
-    sequence_length: int | None = None  # text and audio windows (None: as prepared)
+    sequence_length: int = 256  # text and audio windows (the model's context follows it)
     val_batches: int | None = None
     seed: int = 0
     num_workers: int = 0
@@ -223,13 +223,11 @@ class PreparedDataConfig(DataConfig):
     cross_documents: bool | None = None  # text (None: as prepared)
 
     def __post_init__(self):
-        self.check_fields(("prepared",), ("batch_size",))
         check(bool(self.path), f"data.path={self.path!r}: data=prepared needs the directory "
                                "prepare.py wrote (data.path=<dir>)")
-        for name in ("sequence_length", "val_batches"):
-            value = getattr(self, name)
-            check(value is None or (isinstance(value, int) and value > 0),
-                  f"data.{name}={value!r}: expected a positive integer or null")
+        self.check_fields(("prepared",), ("batch_size", "sequence_length"))
+        check(self.val_batches is None or self.val_batches > 0,
+              f"data.val_batches={self.val_batches!r}: expected a positive integer or null")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,6 +83,7 @@ class Session:
                         disable=not self.cfg.trainer.progress, desc=f"train {self.run.family}",
                         unit="step", dynamic_ncols=True)
         self.last_log = (time.perf_counter(), resumed.step)
+        trainer.take_data_wait()  # the first batch, fetched before the clock started
         self.started = time.perf_counter()
 
     def _throughput(self) -> Throughput:
@@ -132,11 +133,13 @@ class Session:
                 self.bar.write(f"skipped non-finite steps: {faults.describe()}")
         logged["train/lr"] = float(self.run.schedule(info.step - 1))
         logged.update(self.throughput.metrics(info.step - last_step, now - last_time))
+        logged["perf/data_wait_fraction"] = self.trainer.take_data_wait() / (now - last_time)
         self.tracker.log(logged, info.step)
         self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         self.last_log = (now, info.step)
         self.results["train_loss"] = metrics["loss"]
         self.results["tokens_per_s"] = logged["perf/tokens_per_s"]
+        self.results["data_wait_fraction"] = logged["perf/data_wait_fraction"]
 
     def evaluate(self, info: StepInfo) -> None:
         info.val_metrics = self._validation_metrics(info.step)

@@ -12,6 +12,7 @@ for a run directory. Each step's batch is fetched while the device runs the step
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,6 +56,7 @@ class Trainer:
         self.start_step = resumed.step
         self.total_steps = total_steps
         self.hooks: list[Hook] = []
+        self.data_wait_s = 0.0  # host seconds spent waiting for the data since last taken
         self.batch = self.next_batch()
         self.totals = run.zero_totals(self.batch)  # metric sums on device since the last log
 
@@ -63,7 +65,16 @@ class Trainer:
         self.hooks.append(Hook(fn, every, at_end))
 
     def next_batch(self) -> dict[str, jax.Array]:
-        return self.run.batch(next(self.run.data.train))
+        start = time.perf_counter()
+        host_batch = next(self.run.data.train)
+        self.data_wait_s += time.perf_counter() - start
+        return self.run.batch(host_batch)
+
+    def take_data_wait(self) -> float:
+        """Seconds the host waited for batches since the last call (the loader starving the
+        step shows here, as `perf/data_wait_fraction` of the wall time)."""
+        waited, self.data_wait_s = self.data_wait_s, 0.0
+        return waited
 
     def reset_totals(self) -> None:
         self.totals = self.run.zero_totals(self.batch)
