@@ -250,9 +250,10 @@ def _safe_point(text: str, lo: int, hi: int) -> int | None:
     return None
 
 
-def bpe_chunks(text: str, size: int = BPE_CHUNK) -> list[str]:
-    """`text` cut at safe points into chunks of about `size` characters (longer where no safe
-    point comes sooner)."""
+def bpe_chunks(text: str, size: int | None = None) -> list[str]:
+    """`text` cut at safe points into chunks of about `size` (default BPE_CHUNK) characters
+    (longer where no safe point comes sooner)."""
+    size = size or BPE_CHUNK
     chunks, start = [], 0
     while len(text) - start > size:
         cut = _safe_point(text, start + size // 2, start + size)
