@@ -30,15 +30,22 @@ The pipeline serves
                 ("labels" only with label_from). Clips are drawn in proportion to their length;
                 shorter clips are padded at the end with μ-law silence;
   val_batches:  fixed crops of the validation clips, the same at every evaluation.
+
+Prepared (`prepare_audio_data`, then `data=prepared data.path=<dir>`): each split's clips end to
+end as μ-law codes, their offsets and labels in shards; crops are read memory-mapped (`ClipCodes`),
+bitwise the in-memory batches. Synthetic clips are as long as the prepared sequence_length made
+them (a longer data.sequence_length later pads, masked).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import wave
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +62,25 @@ from chainrule.data.base import (
     register_data,
 )
 from chainrule.data.evaluation import EvalSplit, WindowBatches, default_stride, register_eval
+from chainrule.data.prepare import (
+    cache_root,
+    hash_sources,
+    make_key,
+    preparing,
+    register_prepare,
+    source_signature,
+    write_manifest,
+)
+from chainrule.data.prepared import (
+    Shards,
+    array_entry,
+    read_manifest,
+    register_prepared_kind,
+    smallest_uint,
+    split_array,
+    verify,
+    write_shard,
+)
 
 SOURCES = ("synthetic", "wav_folder", "fsdd")
 DEFAULT_FSDD_PATH = "../shared/data/fsdd/recordings"
@@ -261,11 +287,43 @@ def synthetic_clip(rng: np.random.Generator, pitch_class: int, length: int,
     return np.clip(x, -1.0, 1.0).astype(np.float32)
 
 
+class ClipCodes:
+    """Clips stored end to end (prepared audio): clip i is flat[offsets[i]:offsets[i + 1]],
+    read from the memory-mapped shards only when asked for, so RAM follows the batch."""
+
+    def __init__(self, flat: Shards, offsets: np.ndarray):
+        self.flat, self.offsets = flat, np.asarray(offsets, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"clip {index} of {len(self)}")
+        index %= len(self)
+        return self.flat[int(self.offsets[index]):int(self.offsets[index + 1])]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    def concat(self, other: ClipCodes) -> ClipCodes:
+        return ClipCodes(self.flat.concat(other.flat),
+                         np.concatenate([self.offsets, other.offsets[1:] + self.offsets[-1]]))
+
+
+def clip_lengths(codes: list[np.ndarray] | ClipCodes) -> np.ndarray:
+    """Samples per clip, without reading the clips of a `ClipCodes`."""
+    if isinstance(codes, ClipCodes):
+        return np.diff(codes.offsets)
+    return np.array([len(c) for c in codes], np.int64)
+
+
 @dataclasses.dataclass
 class Clips:
-    """μ-law coded clips of one split, and their label ids (None without labels)."""
+    """μ-law coded clips of one split, and their label ids (None without labels): in memory
+    (a list of arrays) or from a prepared directory (`ClipCodes`)."""
 
-    codes: list[np.ndarray]
+    codes: list[np.ndarray] | ClipCodes
     labels: np.ndarray | None
 
 
@@ -384,7 +442,7 @@ def train_dataset(clips: Clips, *, length: int, silence: int, batch_size: int, s
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """Infinite MapDataset of batches of random crops; each clip appears once per epoch for
     every `length` samples it holds (at least once), epochs shuffled differently."""
-    repeats = [max(1, len(c) // length) for c in clips.codes]
+    repeats = np.maximum(1, clip_lengths(clips.codes) // length)
     slots = np.repeat(np.arange(len(clips.codes)), repeats)
     ds = grain.MapDataset.source(slots.tolist()).shuffle(seed=seed).repeat()
     ds = ds.random_map(_RandomCrop(clips, length, silence), seed=seed)
@@ -448,77 +506,198 @@ class AudioCodec(Codec):
         return cls(obj["sample_rate"], obj["mu"], obj.get("label_names"))
 
 
-@register_data("audio", AudioDataConfig)
-def build_audio_data(config: AudioDataConfig, *, codec: Codec | None = None,
-                     process_index: int = 0, process_count: int = 1) -> DataBundle:
-    del codec  # nothing is fitted to the data
-    splits, label_names = load_clips(config)
+def _silence(mu: int) -> int:
+    return int(mu_law_encode(np.zeros(1), mu)[0])
+
+
+def _bundle(config: AudioDataConfig, splits: dict[str, Clips], codec: AudioCodec,
+            seconds: dict[str, float], info: dict[str, Any], process_index: int,
+            process_count: int) -> DataBundle:
+    """The pipeline over the clips of each split, in memory or prepared."""
     for split in ("train", "val"):  # (training never reads the test split)
-        if not splits[split].codes:
+        if not len(splits[split].codes):
             raise ValueError(f"the {split} split of source={config.source!r} has no clips")
     window = config.sequence_length + 1
-    silence = int(mu_law_encode(np.zeros(1), config.mu)[0])
+    silence = _silence(config.mu)
     ds = train_dataset(splits["train"], length=window, silence=silence,
                        batch_size=config.batch_size // process_count, seed=config.seed,
                        process_index=process_index, process_count=process_count)
     val = validation_batches(splits["val"], length=window, silence=silence,
                              batch_size=config.batch_size, num_batches=config.val_batches,
                              process_index=process_index, process_count=process_count)
-    seconds = {s: sum(len(c) for c in clips.codes) / config.sample_rate
-               for s, clips in splits.items()}
+    label_names = codec.label_names
     return DataBundle(
         train=iterate(ds, prefetch=config.prefetch, num_workers=config.num_workers),
         val_batches=val,
-        codec=AudioCodec(config.sample_rate, config.mu, label_names),
+        codec=codec,
         info={
-            "source": config.source,
-            "sample_rate": config.sample_rate,
-            "mu": config.mu,
+            "source": config.source, "sample_rate": config.sample_rate, "mu": config.mu,
             "silence_code": silence,
-            "train_clips": len(splits["train"].codes),
-            "val_clips": len(splits["val"].codes),
-            "test_clips": len(splits["test"].codes),
-            "train_seconds": seconds["train"],
-            "val_seconds": seconds["val"],
-            "test_seconds": seconds["test"],
+            **{f"{s}_clips": len(clips.codes) for s, clips in splits.items()},
+            **{f"{s}_seconds": seconds[s] for s in SPLITS},
             "label_from": config.label_from,
             "num_classes": None if label_names is None else len(label_names),
-            "label_names": label_names,
-            "val_batches": len(val),
+            "label_names": label_names, "val_batches": len(val), **info,
         },
     )
 
 
-@register_eval(AudioDataConfig)
-def audio_eval(config: AudioDataConfig, *, codec: Codec, split: str, batch_size: int,
-               stride: int | None, process_index: int = 0, process_count: int = 1) -> EvalSplit:
-    """Every sample of every clip of the split scored once (but each clip's first), in
-    sliding windows of sequence_length + 1 samples; padding past a clip's end is masked."""
+@register_data("audio", AudioDataConfig)
+def build_audio_data(config: AudioDataConfig, *, codec: Codec | None = None,
+                     process_index: int = 0, process_count: int = 1) -> DataBundle:
+    """The clips in memory; `data=prepared` reads the same clips from a prepared directory."""
+    del codec  # nothing is fitted to the data
+    splits, label_names = load_clips(config)
+    seconds = {s: sum(len(c) for c in clips.codes) / config.sample_rate
+               for s, clips in splits.items()}
+    return _bundle(config, splits, AudioCodec(config.sample_rate, config.mu, label_names),
+                   seconds, {}, process_index, process_count)
+
+
+def _memory_clips(config: AudioDataConfig, split: str) -> tuple[Any, Any, list[str] | None]:
+    """(codes, labels or None, label names) of the split ("all": every split), in memory."""
     splits, label_names = load_clips(config)
     chosen = [splits[s] for s in SPLITS if split in (s, "all")]
     codes = [c.astype(np.int32) for clips in chosen for c in clips.codes]
     labels = [clips.labels for clips in chosen]
     labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
+    return codes, labels, label_names
+
+
+def _check_eval_codec(config: AudioDataConfig, codec: Codec, labelled: bool,
+                      label_names: list[str] | None) -> None:
     if not isinstance(codec, AudioCodec) or (codec.mu, codec.sample_rate) != (config.mu,
                                                                               config.sample_rate):
         raise ValueError(f"the data is μ-law {config.mu} at {config.sample_rate} Hz; the run's "
                          f"model was trained on {codec.to_json()}")
-    if labels is not None and codec.label_names not in (None, label_names):
+    if labelled and codec.label_names not in (None, label_names):
         raise ValueError(f"the data's labels {label_names} differ from the run's "
                          f"{codec.label_names}")
-    if not codes:
+
+
+@register_eval(AudioDataConfig)
+def audio_eval(config: AudioDataConfig, *, codec: Codec, split: str, batch_size: int,
+               stride: int | None, process_index: int = 0, process_count: int = 1,
+               root: Path | None = None) -> EvalSplit:
+    """Every sample of every clip of the split scored once (but each clip's first), in
+    sliding windows of sequence_length + 1 samples; padding past a clip's end is masked. The
+    clips come from the source in memory or, given `root`, from that prepared directory."""
+    codes, labels, label_names = (_memory_clips(config, split) if root is None
+                                  else _prepared_clips(Path(root), split))
+    _check_eval_codec(config, codec, labels is not None, label_names)
+    if not len(codes):
         raise ValueError(f"split={split!r} of source={config.source!r} has no clips")
     length = config.sequence_length + 1
-    silence = int(mu_law_encode(np.zeros(1), config.mu)[0])
     windows = WindowBatches(codes, length, default_stride(length, stride), batch_size,
-                            "waveform", labels=labels, pad=silence,
+                            "waveform", labels=labels, pad=_silence(config.mu),
                             process_index=process_index, process_count=process_count)
+    info = {"source": config.source, "path": config.path, "windows": len(windows.plan),
+            "stride": windows.stride, "window": length, "sample_rate": config.sample_rate}
+    if root is not None:
+        info["prepared"] = str(root)
     return EvalSplit(windows, windows.num_batches,
-                     {"samples": windows.num_scored, "clips": len(codes)},
-                     info={"source": config.source, "path": config.path,
-                           "windows": len(windows.plan), "stride": windows.stride,
-                           "window": length, "sample_rate": config.sample_rate})
+                     {"samples": windows.num_scored, "clips": len(codes)}, info=info)
 
 
-__all__ = ["AudioCodec", "AudioDataConfig", "build_audio_data", "load_clips", "mu_law_decode",
-           "mu_law_encode", "read_audio", "read_wav", "resample", "synthetic_clip"]
+# ----------------------------------------------------------------------------- prepared
+
+
+def source_files(config: AudioDataConfig) -> list[Path]:
+    """The WAV files the clips come from (none for synthetic clips)."""
+    return [] if config.source == "synthetic" else _wav_files(config)[1]
+
+
+def prepare_key(config: AudioDataConfig, files: list[Path]) -> str:
+    shaping = {k: getattr(config, k) for k in ("source", "sample_rate", "mu", "label_from")}
+    if config.source == "synthetic":  # clips hold max(1 s, sequence_length + 1) samples
+        shaping["clip_samples"] = max(config.sample_rate, config.sequence_length + 1)
+    return make_key({"kind": "audio", "data": shaping, "sources": source_signature(files)})
+
+
+def _write_split(work: Path, config: AudioDataConfig, split: str, clips: Clips) -> dict:
+    dtype = smallest_uint(config.mu + 1)
+    lengths = clip_lengths(clips.codes)
+    codes = (np.concatenate(clips.codes) if clips.codes else np.zeros(0)).astype(dtype)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    arrays = {"codes": array_entry([write_shard(work, f"{split}/codes.bin", codes)], dtype),
+              "offsets": array_entry([write_shard(work, f"{split}/offsets.bin", offsets)],
+                                     np.int64)}
+    if clips.labels is not None:
+        labels = np.asarray(clips.labels, np.int32)
+        arrays["labels"] = array_entry([write_shard(work, f"{split}/labels.bin", labels)],
+                                       np.int32)
+    return {"counts": {"clips": len(lengths), "samples": int(offsets[-1]),
+                       "seconds": int(offsets[-1]) / config.sample_rate}, "arrays": arrays}
+
+
+@register_prepare(AudioDataConfig)
+def prepare_audio_data(config: AudioDataConfig, out: Path | None = None) -> Path:
+    """Every split's μ-law codes (clips end to end), clip offsets and labels in a prepared
+    directory: `out`, or the data cache (reused while the sources are unchanged)."""
+    files = source_files(config)
+    key = prepare_key(config, files)
+    out = out or cache_root() / f"audio-{key}"
+    with preparing(out, key) as work:
+        if work is None:
+            return out
+        splits, label_names = load_clips(config)
+        written = {s: _write_split(work, config, s, clips) for s, clips in splits.items()}
+        write_manifest(work, key, "audio", data=dataclasses.asdict(config),
+                       sources=hash_sources(files),
+                       codec=AudioCodec(config.sample_rate, config.mu, label_names).to_json(),
+                       splits=written)
+    return out
+
+
+def _open_prepared(root: Path, codec: Codec | None) -> dict[str, Any]:
+    """A prepared audio directory's manifest, its shards checked; a run's codec must be the
+    data's."""
+    manifest = read_manifest(root)
+    if manifest["kind"] != "audio":
+        raise ValueError(f"prepared data {root} holds {manifest['kind']}, not audio")
+    verify(root, manifest)
+    if codec is not None and codec.to_json() != manifest["codec"]:
+        raise ValueError(f"prepared data {root} holds audio {manifest['codec']}; the run's "
+                         f"model was trained on {codec.to_json()}")
+    return manifest
+
+
+def _split_clips(root: Path, manifest: dict[str, Any], split: str, out_dtype: Any) -> Clips:
+    """One split's clips, read lazily; offsets and labels (a few bytes a clip) in memory."""
+    arrays = manifest["splits"][split]["arrays"]
+    codes = ClipCodes(split_array(root, manifest, split, "codes", out_dtype),
+                      split_array(root, manifest, split, "offsets")[:])
+    labels = (split_array(root, manifest, split, "labels", np.int32)[:] if "labels" in arrays
+              else None)
+    return Clips(codes, labels)
+
+
+def audio_bundle(config: AudioDataConfig, root: Path, *, codec: Codec | None = None,
+                 process_index: int = 0, process_count: int = 1) -> DataBundle:
+    """The pipeline over a prepared audio directory: crops read from the memory-mapped codes
+    (RAM follows the batch), bitwise those `build_audio_data` makes of the source."""
+    manifest = _open_prepared(root, codec)
+    # Stored dtype, as in memory: the crops widen to int32 themselves.
+    splits = {s: _split_clips(root, manifest, s, None) for s in manifest["splits"]}
+    seconds = {s: part["counts"]["seconds"] for s, part in manifest["splits"].items()}
+    return _bundle(config, splits, AudioCodec.from_json(manifest["codec"]), seconds,
+                   {"prepared": str(root)}, process_index, process_count)
+
+
+def _prepared_clips(root: Path, split: str) -> tuple[Any, Any, list[str] | None]:
+    """`_memory_clips` from a prepared directory: lazy clips served as int32."""
+    manifest = _open_prepared(root, None)
+    chosen = [_split_clips(root, manifest, s, np.int32) for s in SPLITS
+              if split in (s, "all") and s in manifest["splits"]]
+    codes = functools.reduce(ClipCodes.concat, [c.codes for c in chosen])
+    labels = [c.labels for c in chosen]
+    labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
+    return codes, labels, manifest["codec"]["label_names"]
+
+
+register_prepared_kind("audio", AudioDataConfig, bundle=audio_bundle, evaluate=audio_eval)
+
+
+__all__ = ["AudioCodec", "AudioDataConfig", "ClipCodes", "audio_bundle", "build_audio_data",
+           "load_clips", "mu_law_decode", "mu_law_encode", "prepare_audio_data", "read_audio",
+           "read_wav", "resample", "synthetic_clip"]

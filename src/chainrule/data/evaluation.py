@@ -112,7 +112,8 @@ def window_plan(lengths: list[int], length: int, stride: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class WindowBatches:
-    """Batches of windows over `sequences` (1-D int arrays), as `window_plan` lays them out.
+    """Batches of windows over `sequences` (1-D int arrays, or an object whose `flat` holds
+    them end to end at `offsets`), as `window_plan` lays them out.
 
     key: the batch key of the windows ("sequences", "waveform"); `labels` (one per sequence)
     are added as "labels"; `pad`: the token filling past a sequence's end (masked out).
@@ -129,11 +130,14 @@ class WindowBatches:
     process_count: int = 1
 
     def __post_init__(self):
-        lengths = np.array([len(s) for s in self.sequences], np.int64)
+        if hasattr(self.sequences, "flat"):  # stored end to end (prepared audio): gather there
+            lengths, self._flat = np.diff(self.sequences.offsets), self.sequences.flat
+        else:
+            lengths = np.array([len(s) for s in self.sequences], np.int64)
+            # One flat array and each sequence's offset in it: a batch is one vectorised gather.
+            self._flat = (self.sequences[0] if len(self.sequences) == 1
+                          else np.concatenate(self.sequences))
         self.plan = window_plan(lengths.tolist(), self.length, self.stride)
-        # One flat array and each sequence's offset in it: a batch is one vectorised gather.
-        self._flat = (self.sequences[0] if len(self.sequences) == 1
-                      else np.concatenate(self.sequences))
         self._offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         self._lengths = lengths
 

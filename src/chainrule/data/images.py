@@ -24,11 +24,16 @@ binarising 8-bit MNIST with num_levels=2.
 The pipeline: train is an infinite, seeded-shuffle (reshuffled every epoch), checkpointable
 Grain iterator of {"images": int32 [B, H, W, C], "labels": int32 [B]}; validation is a fixed list
 of such batches drawn from a fixed permutation of the validation split.
+
+Prepared (`prepare_image_data`, then `data=prepared data.path=<dir>`): each split's levels as uint8
+records [H, W, C] plus int32 labels in shards, gathered memory-mapped into bitwise the same
+batches; `data=digits` etc. still load their (small) source in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import pickle
 from pathlib import Path
@@ -47,6 +52,24 @@ from chainrule.data.base import (
     register_data,
 )
 from chainrule.data.evaluation import EvalSplit, ImageBatches, register_eval
+from chainrule.data.prepare import (
+    cache_root,
+    hash_sources,
+    make_key,
+    preparing,
+    register_prepare,
+    source_signature,
+    write_manifest,
+)
+from chainrule.data.prepared import (
+    Shards,
+    array_entry,
+    read_manifest,
+    register_prepared_kind,
+    split_array,
+    verify,
+    write_shard,
+)
 
 SOURCES = ("digits", "mnist", "binarized_mnist", "cifar10", "image_folder")
 NATIVE_LEVELS = {"digits": 17, "mnist": 256, "binarized_mnist": 2, "cifar10": 256,
@@ -171,7 +194,9 @@ def read_idx(path: Path) -> np.ndarray:
     return payload.reshape(dims)
 
 
-def load_mnist(path: str | Path) -> ImageSplits:
+def _mnist_files(path: str | Path) -> tuple[list[Path], list[Path] | None]:
+    """The t10k (images, labels) files of an MNIST folder, and the train pair when both are
+    there (gzipped or not)."""
     folder = resolve_path(path, "data.path (mnist folder)")
 
     def find(stem):
@@ -180,13 +205,19 @@ def load_mnist(path: str | Path) -> ImageSplits:
                 return folder / name
         return None
 
-    test_images, test_labels = find("t10k-images-idx3-ubyte"), find("t10k-labels-idx1-ubyte")
-    if test_images is None or test_labels is None:
+    test = [find("t10k-images-idx3-ubyte"), find("t10k-labels-idx1-ubyte")]
+    if None in test:
         raise ValueError(f"{folder} lacks t10k-images-idx3-ubyte.gz / t10k-labels-idx1-ubyte.gz")
+    train = [find("train-images-idx3-ubyte"), find("train-labels-idx1-ubyte")]
+    return test, None if None in train else train
+
+
+def load_mnist(path: str | Path) -> ImageSplits:
+    (test_images, test_labels), train_files = _mnist_files(path)
     images, labels = read_idx(test_images)[..., None], read_idx(test_labels).astype(np.int32)
     names = [str(i) for i in range(10)]
-    train_images, train_labels = find("train-images-idx3-ubyte"), find("train-labels-idx1-ubyte")
-    if train_images is not None and train_labels is not None:
+    if train_files is not None:
+        train_images, train_labels = train_files
         train = read_idx(train_images)[..., None]
         held_out = 10_000 / len(train) if len(train) >= 50_000 else HELD_OUT  # 60k: 50k / 10k
         split, split_labels = _split_fractions(train, read_idx(train_labels).astype(np.int32),
@@ -199,10 +230,13 @@ def load_mnist(path: str | Path) -> ImageSplits:
                        split="no train images, t10k divided: " + _counts(split))
 
 
-def load_binarized_mnist(path: str | Path) -> ImageSplits:
+def _binarized_file(path: str | Path) -> Path:
     file = resolve_path(path, "data.path (binarized_mnist .npz)")
-    if file.is_dir():
-        file = file / "binarized_mnist.npz"
+    return file / "binarized_mnist.npz" if file.is_dir() else file
+
+
+def load_binarized_mnist(path: str | Path) -> ImageSplits:
+    file = _binarized_file(path)
     names = {"train": "train", "val": "valid", "test": "test"}
     with np.load(file) as npz:  # plain arrays: allow_pickle stays False
         missing = {"train", "valid"} - set(npz.files)
@@ -257,7 +291,8 @@ def _cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, np.asarray(labels, np.int32)
 
 
-def load_cifar10(path: str | Path) -> ImageSplits:
+def _cifar_files(path: str | Path) -> tuple[list[Path], Path]:
+    """The CIFAR-10 train batches there are (data_batch_1..5) and test_batch."""
     folder = resolve_path(path, "data.path (cifar10 folder)")
     if (folder / "cifar-10-batches-py").is_dir():
         folder = folder / "cifar-10-batches-py"
@@ -266,11 +301,16 @@ def load_cifar10(path: str | Path) -> ImageSplits:
     if not train_files or not (folder / "test_batch").is_file():
         raise ValueError(f"{folder} needs data_batch_1..5 (at least one) and test_batch, the "
                          "CIFAR-10 python batches")
+    return train_files, folder / "test_batch"
+
+
+def load_cifar10(path: str | Path) -> ImageSplits:
+    train_files, test_file = _cifar_files(path)
     parts = [_cifar_batch(f) for f in train_files]
     train = np.concatenate([p[0] for p in parts])
     images, labels = _split_fractions(train, np.concatenate([p[1] for p in parts]),
                                       min(5000 / len(train), HELD_OUT), val_only=True)
-    images["test"], labels["test"] = _cifar_batch(folder / "test_batch")
+    images["test"], labels["test"] = _cifar_batch(test_file)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
              "truck"]
     return ImageSplits(images, labels, 10, names,
@@ -295,7 +335,9 @@ def read_image(file: Path, mode: str = "RGB",
     return array[..., None] if array.ndim == 2 else array
 
 
-def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> ImageSplits:
+def _folder_files(path: str | Path) -> tuple[Path, list[str], list[tuple[Path, int]]]:
+    """An image folder, its classes (sub-folder names, sorted) and its (file, class id) pairs
+    (class -1 without sub-folders)."""
     folder = resolve_path(path, "data.path (image folder)")
 
     def images_in(d: Path) -> list[Path]:
@@ -308,6 +350,11 @@ def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> I
                          "expected one or the other (sub-folder = class)")
     files = ([(f, i) for i, c in enumerate(classes) for f in images_in(folder / c)] if classes
              else [(f, -1) for f in top])
+    return folder, classes, files
+
+
+def load_image_folder(path: str | Path, image_size: tuple[int, int] | None) -> ImageSplits:
+    folder, classes, files = _folder_files(path)
     if len(files) < 3:
         raise ValueError(f"{folder} holds {len(files)} PNG/JPEG images; expected at least 3 "
                          "(train, validation and test)")
@@ -525,24 +572,37 @@ def split_levels(config: ImageDataConfig, splits: ImageSplits, split: str) -> np
     return requantize(images, native, config.levels)
 
 
+def _bundle(config: ImageDataConfig, train: tuple[Any, Any], val: tuple[Any, Any],
+            codec: ImageCodec, info: dict[str, Any], process_index: int,
+            process_count: int) -> DataBundle:
+    """The pipeline over (images, labels) of train and validation: numpy arrays or `Shards`
+    (both index with integer arrays)."""
+    ds = train_dataset(*train, batch_size=config.batch_size, seed=config.seed,
+                       process_index=process_index, process_count=process_count)
+    val_batches = validation_batches(*val, batch_size=config.batch_size,
+                                     num_batches=config.val_batches,
+                                     process_index=process_index, process_count=process_count)
+    return DataBundle(
+        # Gathers are cheap (in memory, or a few memory-mapped records): one background
+        # thread keeps two batches ready.
+        train=iterate(ds, prefetch=2, num_workers=config.num_workers),
+        val_batches=val_batches,
+        codec=codec,
+        info={"source": config.source, "num_levels": config.levels,
+              "native_levels": NATIVE_LEVELS[config.source], "image_shape": codec.shape, **info,
+              "val_batches": len(val_batches)},
+    )
+
+
 @register_data("image", ImageDataConfig)
 def build_image_data(config: ImageDataConfig, *, codec: Codec | None = None,
                      process_index: int = 0, process_count: int = 1) -> DataBundle:
+    """The source in memory (the sources are small); `data=prepared` reads the same images
+    from a prepared directory instead."""
     del codec  # nothing is fitted: the data alone decides everything
     splits = load_source(config)
     train_images, val_images = (split_levels(config, splits, s) for s in ("train", "val"))
-    ds = train_dataset(train_images, splits.labels["train"], batch_size=config.batch_size,
-                       seed=config.seed, process_index=process_index,
-                       process_count=process_count)
-    val = validation_batches(val_images, splits.labels["val"], batch_size=config.batch_size,
-                             num_batches=config.val_batches, process_index=process_index,
-                             process_count=process_count)
-    height, width, channels = train_images.shape[1:]
-    info: dict[str, Any] = {
-        "source": config.source,
-        "num_levels": config.levels,
-        "native_levels": NATIVE_LEVELS[config.source],
-        "image_shape": (height, width, channels),
+    info = {
         # Conditioning is the user's choice (model.num_classes); this says what the data allows.
         "num_classes": splits.num_classes if splits.labels["train"] is not None else None,
         "class_names": splits.class_names,
@@ -550,38 +610,168 @@ def build_image_data(config: ImageDataConfig, *, codec: Codec | None = None,
         "train_images": len(train_images),
         "val_images": len(val_images),
         "test_images": len(splits.images.get("test", ())),
-        "val_batches": len(val),
     }
-    return DataBundle(
-        # In-memory gathers are cheap: one background thread keeps two batches ready.
-        train=iterate(ds, prefetch=2, num_workers=config.num_workers),
-        val_batches=val,
-        codec=ImageCodec((height, width, channels), config.levels, splits.class_names),
-        info=info,
-    )
+    codec = ImageCodec(train_images.shape[1:], config.levels, splits.class_names)
+    return _bundle(config, (train_images, splits.labels["train"]),
+                   (val_images, splits.labels["val"]), codec, info, process_index,
+                   process_count)
+
+
+def _check_eval_codec(config: ImageDataConfig, codec: Codec, shape: tuple[int, ...]) -> None:
+    if not isinstance(codec, ImageCodec) or (tuple(shape), config.levels) != (codec.shape,
+                                                                              codec.levels):
+        shown = getattr(codec, "shape", codec.kind), getattr(codec, "levels", "")
+        raise ValueError(f"data.source={config.source!r} gives {config.levels}-level images of "
+                         f"shape {tuple(shape)}; the run's model was trained on {shown}")
+
+
+def _no_split(config: ImageDataConfig, split: str, described: str, have: Any) -> ValueError:
+    return ValueError(f"split={split!r}: data.source={config.source!r} has no {split} split "
+                      f"({described}); expected one of {sorted(have)} or 'all'")
+
+
+def _memory_split(config: ImageDataConfig, split: str) -> tuple[Any, Any, str]:
+    """(images, labels or None, the split's description) of `split` ("all": every split)
+    from the source in memory."""
+    splits = load_source(config)
+    names = [s for s in splits.images if split in (s, "all")]
+    if not names:
+        raise _no_split(config, split, splits.split, splits.images)
+    images = np.concatenate([split_levels(config, splits, s) for s in names])
+    labels = [splits.labels[s] for s in names]
+    labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
+    return images, labels, splits.split
 
 
 @register_eval(ImageDataConfig)
 def image_eval(config: ImageDataConfig, *, codec: Codec, split: str, batch_size: int,
-               stride: int | None = None, process_index: int = 0,
-               process_count: int = 1) -> EvalSplit:
-    """Every image of the split once (`stride` does not apply to images)."""
+               stride: int | None = None, process_index: int = 0, process_count: int = 1,
+               root: Path | None = None) -> EvalSplit:
+    """Every image of the split once (`stride` does not apply to images), from the source in
+    memory or, given `root`, from that prepared directory."""
     del stride
-    splits = load_source(config)
-    names = [s for s in splits.images if split in (s, "all")]
-    if not names:
-        raise ValueError(f"split={split!r}: data.source={config.source!r} has no {split} split "
-                         f"({splits.split}); expected one of {sorted(splits.images)} or 'all'")
-    images = np.concatenate([split_levels(config, splits, s) for s in names])
-    labels = [splits.labels[s] for s in names]
-    labels = None if any(lab is None for lab in labels) else np.concatenate(labels)
-    if not isinstance(codec, ImageCodec) or (images.shape[1:], config.levels) != (
-            codec.shape, codec.levels):
-        shown = getattr(codec, "shape", codec.kind), getattr(codec, "levels", "")
-        raise ValueError(f"data.source={config.source!r} gives {config.levels}-level images of "
-                         f"shape {images.shape[1:]}; the run's model was trained on {shown}")
+    images, labels, described = (_memory_split(config, split) if root is None
+                                 else _prepared_split(config, Path(root), split))
+    shape = tuple(images.shape[1:]) if isinstance(images, np.ndarray) else images.shape
+    _check_eval_codec(config, codec, shape)
     batches = ImageBatches(images, labels, batch_size, process_index, process_count)
+    info = {"source": config.source, "path": config.path, "splits": described}
+    if root is not None:
+        info["prepared"] = str(root)
     return EvalSplit(batches, batches.num_batches,
-                     {"images": len(images), "dims_per_image": int(np.prod(images.shape[1:]))},
-                     info={"source": config.source, "path": config.path,
-                           "splits": splits.split})
+                     {"images": len(images), "dims_per_image": int(np.prod(shape))}, info=info)
+
+
+# ----------------------------------------------------------------------------- prepared
+
+
+def source_files(config: ImageDataConfig) -> list[Path]:
+    """The files the source is read from (none for the embedded digits): what a prepared
+    directory's key and manifest see of it."""
+    path = config.path or DEFAULT_PATHS.get(config.source)
+    if config.source == "mnist":
+        test, train = _mnist_files(path)
+        return test + (train or [])
+    if config.source == "binarized_mnist":
+        return [_binarized_file(path)]
+    if config.source == "cifar10":
+        train, test = _cifar_files(path)
+        return [*train, test]
+    if config.source == "image_folder":
+        return [f for f, _ in _folder_files(path)[2]]
+    return []
+
+
+def prepare_key(config: ImageDataConfig, files: list[Path]) -> str:
+    # Batch size, seed and workers only shape training: one prepared directory serves them all.
+    return make_key({"kind": "image", "sources": source_signature(files),
+                     "data": {"source": config.source, "levels": config.levels,
+                              "image_size": config.image_size}})
+
+
+def _write_split(work: Path, config: ImageDataConfig, splits: ImageSplits,
+                 split: str) -> dict[str, Any]:
+    images = split_levels(config, splits, split).astype(np.uint8)  # levels <= 256
+    arrays = {"images": array_entry([write_shard(work, f"{split}/images.bin", images)],
+                                    np.uint8, images.shape[1:])}
+    labels = splits.labels[split]
+    if labels is not None:
+        labels = np.asarray(labels, np.int32)
+        arrays["labels"] = array_entry([write_shard(work, f"{split}/labels.bin", labels)],
+                                       np.int32)
+    return {"counts": {"images": len(images), "dims_per_image": int(np.prod(images.shape[1:]))},
+            "arrays": arrays}
+
+
+@register_prepare(ImageDataConfig)
+def prepare_image_data(config: ImageDataConfig, out: Path | None = None) -> Path:
+    """The source's splits as uint8 levels (requantised to config.levels) and int32 labels in
+    a prepared directory: `out`, or the data cache (reused while the sources are unchanged)."""
+    files = source_files(config)
+    key = prepare_key(config, files)
+    out = out or cache_root() / f"image-{key}"
+    with preparing(out, key) as work:
+        if work is None:
+            return out
+        splits = load_source(config)
+        written = {s: _write_split(work, config, splits, s) for s in splits.images}
+        shape = splits.images["train"].shape[1:]
+        write_manifest(work, key, "image", data=dataclasses.asdict(config),
+                       sources=hash_sources(files),
+                       codec=ImageCodec(shape, config.levels, splits.class_names).to_json(),
+                       num_classes=(splits.num_classes if splits.labels["train"] is not None
+                                    else None),
+                       split=splits.split, splits=written)
+    return out
+
+
+def _open_prepared(root: Path, codec: Codec | None) -> dict[str, Any]:
+    """A prepared image directory's manifest, its shards checked; a run's codec must be the
+    data's."""
+    manifest = read_manifest(root)
+    if manifest["kind"] != "image":
+        raise ValueError(f"prepared data {root} holds {manifest['kind']}, not images")
+    verify(root, manifest)
+    if codec is not None and codec.to_json() != manifest["codec"]:
+        raise ValueError(f"prepared data {root} holds images {manifest['codec']}; the run's "
+                         f"model was trained on {codec.to_json()}")
+    return manifest
+
+
+def _arrays(root: Path, manifest: dict[str, Any], split: str) -> tuple[Shards, Shards | None]:
+    """One split's images and labels (None without), memory-mapped, served as int32."""
+    images = split_array(root, manifest, split, "images", np.int32)
+    has_labels = "labels" in manifest["splits"][split]["arrays"]
+    return images, (split_array(root, manifest, split, "labels", np.int32) if has_labels
+                    else None)
+
+
+def image_bundle(config: ImageDataConfig, root: Path, *, codec: Codec | None = None,
+                 process_index: int = 0, process_count: int = 1) -> DataBundle:
+    """The pipeline over a prepared image directory: batches gathered from the memory-mapped
+    shards (RAM follows the batch), bitwise those `build_image_data` makes of the source."""
+    manifest = _open_prepared(root, codec)
+    counts = {s: manifest["splits"].get(s, {}).get("counts", {}).get("images", 0)
+              for s in SPLITS}
+    codec = ImageCodec.from_json(manifest["codec"])
+    info = {"num_classes": manifest["num_classes"], "class_names": codec.class_names,
+            "split": manifest["split"], **{f"{s}_images": n for s, n in counts.items()},
+            "prepared": str(root)}
+    return _bundle(config, _arrays(root, manifest, "train"), _arrays(root, manifest, "val"),
+                   codec, info, process_index, process_count)
+
+
+def _prepared_split(config: ImageDataConfig, root: Path, split: str) -> tuple[Any, Any, str]:
+    """`_memory_split` from a prepared directory: the split's shards, not the source."""
+    manifest = _open_prepared(root, None)
+    names = [s for s in manifest["splits"] if split in (s, "all")]
+    if not names:
+        raise _no_split(config, split, manifest["split"], manifest["splits"])
+    parts = [_arrays(root, manifest, s) for s in names]
+    images = functools.reduce(Shards.concat, [p[0] for p in parts])
+    labels = (None if any(p[1] is None for p in parts)
+              else functools.reduce(Shards.concat, [p[1] for p in parts]))
+    return images, labels, manifest["split"]
+
+
+register_prepared_kind("image", ImageDataConfig, bundle=image_bundle, evaluate=image_eval)
