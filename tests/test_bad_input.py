@@ -110,7 +110,7 @@ FRESH_RUN_DIR = [
     ("hardware not present", ["hardware=gpu"],
      r"hardware=gpu asks for platform 'gpu' but JAX found 'cpu'"),
     ("missing data path", ["data=text_file", "data.path=/no/such/corpus.txt"],
-     r"text path '/no/such/corpus.txt' .* does not exist; expected a text file or a folder"),
+     r"text path '/no/such/corpus.txt' .* does not exist; expected a text, JSONL or Parquet file or a folder"),
     ("missing data path", [*IMAGE, "data=binarized_mnist", "data.path=/no/such.npz"],
      r"data.path \(binarized_mnist .npz\) '/no/such.npz' does not exist"),
     ("missing data path", [*AUDIO, "data=wav_folder", "data.path=/no/such/folder"],

@@ -289,3 +289,20 @@ def test_damaged_prepared_data_is_refused_before_training(tmp_path):
         build_data(config)
     with pytest.raises(ValueError, match="no manifest.json"):
         build_data(PreparedDataConfig(path=str(tmp_path)))
+
+
+def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path):
+    (tmp_path / "corpus.txt").write_text("".join(_documents(40)), encoding="utf-8")
+    script = tmp_path / "unguarded.py"  # spawned workers import it again, as __mp_main__
+    script.write_text(f"""
+from chainrule.data import documents, prepare
+from chainrule.data.text import TextDataConfig, prepare_text_data
+documents.PIECE_BYTES, documents.MAX_PIECE_BYTES, prepare.UNIT_CHARS = 2048, 8192, 6000
+config = TextDataConfig(source="text_file", path={str(tmp_path / 'corpus.txt')!r},
+                        prepare_workers=2)
+prepare_text_data(config, prepare.Path({str(tmp_path / 'out')!r}))
+""")
+    result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0
+    assert 'must guard its entry point with `if __name__ == "__main__":`' in result.stderr

@@ -476,6 +476,9 @@ class PrepareConfig:
 
 def prepare_from_config(config: PrepareConfig) -> Path:
     kwargs: dict[str, Any] = {}
+    if config.init_from and not hasattr(config.data, "tokenizer"):
+        raise ValueError(f"init_from={config.init_from}: only text is encoded with a run's "
+                         f"tokenizer; data is {type(config.data).__name__}")
     if config.init_from:
         from chainrule.data.base import load_codec
         from chainrule.rundir import RunDir
