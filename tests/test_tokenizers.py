@@ -116,3 +116,13 @@ def test_interface_types(tokenizers):
     assert isinstance(tokenizers["byte"], ByteTokenizer)
     assert isinstance(tokenizers["bpe"], BPETokenizer)
     assert tokenizers["bpe"].pad_id is None
+
+
+def test_char_encoding_of_ascii_and_wider_text_with_a_wide_vocabulary():
+    tok = fit_tokenizer("char", "ab—c\n")  # the em dash (U+2014) widens the code-point table
+    assert tok.decode(tok.encode("abc\n")) == "abc\n"  # ASCII-only text: the uint8 path
+    assert tok.encode("a—").tolist() == [tok.chars.index("a"), tok.chars.index("—")]
+    with pytest.raises(ValueError, match="outside the char tokenizer's 5-symbol vocabulary: 'z'"):
+        tok.encode("abz")
+    with pytest.raises(ValueError, match="'é'"):
+        fit_tokenizer("char", "ab").encode("é")  # above the largest code point of the vocabulary

@@ -179,8 +179,7 @@ class _Scan:
     units: list[list[int]]  # [pieces, characters] per unit
     total_chars: int = 0
     documents: int = 0
-    ascii_counts: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(128, np.int64))
-    other_chars: set[str] = dataclasses.field(default_factory=set)
+    code_points: set[int] = dataclasses.field(default_factory=set)
     sample: list[str] = dataclasses.field(default_factory=list)
     sample_chars: int = 0
 
@@ -188,19 +187,16 @@ class _Scan:
         text = piece.text
         self.total_chars += len(text)
         self.documents += piece.starts_document
-        if alphabet:
-            if text.isascii():
-                self.ascii_counts += np.bincount(np.frombuffer(text.encode("ascii"), np.uint8),
-                                                 minlength=128)
-            else:
-                self.other_chars.update(text)
+        if alphabet:  # a count per code point: O(n), where a set of the text's characters is not
+            cps = (np.frombuffer(text.encode("ascii"), np.uint8) if text.isascii()
+                   else np.frombuffer(text.encode("utf-32-le"), np.uint32))
+            self.code_points.update(np.flatnonzero(np.bincount(cps)).tolist())
         if self.sample_chars < sample_limit:
             self.sample.append(text[: sample_limit - self.sample_chars])
             self.sample_chars += len(self.sample[-1])
 
     def alphabet(self) -> list[str]:
-        ascii_chars = {chr(c) for c in np.flatnonzero(self.ascii_counts)}
-        return sorted(ascii_chars | self.other_chars)
+        return sorted(chr(c) for c in self.code_points)
 
 
 def _scan(files: list[Path], prep: TextPreparation, total_bytes: int) -> _Scan:
@@ -252,9 +248,12 @@ _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
 def _worker_tokenizer(path: str) -> Tokenizer:
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = tokenizer_from_json(json.loads(Path(path).read_text()))
-    return _TOKENIZERS[path]
+    """The tokenizer a unit is encoded with, read once per process (per file version)."""
+    stat = os.stat(path)
+    key = f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = tokenizer_from_json(json.loads(Path(path).read_text()))
+    return _TOKENIZERS[key]
 
 
 def _segments(unit: _Unit, bounds: tuple[int, int]) -> Iterator[tuple[str, str, bool, bool]]:
@@ -395,14 +394,16 @@ def prepare_text(files: list[Path], out: Path, prep: TextPreparation, *,
         if not plan_file.is_file():
             _plan(files, work, prep, key)
         plan = json.loads(plan_file.read_text())
+        tokenizer = _worker_tokenizer(str(work / "tokenizer.json"))
+        # char and byte encode as one numpy gather, faster than shipping text to a process
+        workers = prep.workers if tokenizer.kind == "bpe" else 1
         try:
-            _encode_all(files, work, plan, prep.workers)
+            _encode_all(files, work, plan, workers)
         except BrokenProcessPool as e:
             raise _broken_pool_hint(e) from None
         records = [json.loads((work / "units" / f"{i:06d}.json").read_text())
                    for i in range(len(plan["units"]))]
         splits = {s: _finish_split(work, s, records, plan["dtype"]) for s in SPLITS}
-        tokenizer = _worker_tokenizer(str(work / "tokenizer.json"))
         shutil.rmtree(work / "units")
         (work / "plan.json").unlink()
         write_manifest(work, key, "text", data=data, sources=plan["sources"],
