@@ -29,10 +29,18 @@ def assert_batches_equal(a, b):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
+def prepared_config(root, config, **settings) -> PreparedDataConfig:
+    """data=prepared with the window the in-memory config trains on (data.sequence_length is
+    training's to set; its default, 256, is a text window)."""
+    window = {"sequence_length": config.sequence_length} if hasattr(config, "sequence_length") \
+        else {}
+    return PreparedDataConfig(path=str(root), **window, **settings)
+
+
 def assert_same_as_in_memory(config, root):
     memory = build_data(config)
-    prepared = build_data(PreparedDataConfig(path=str(root), batch_size=config.batch_size,
-                                             seed=config.seed))
+    prepared = build_data(prepared_config(root, config, batch_size=config.batch_size,
+                                          seed=config.seed))
     assert_batches_equal(itertools.islice(memory.train, 4), itertools.islice(prepared.train, 4))
     assert_batches_equal(memory.val_batches, prepared.val_batches)
     assert prepared.info == {**memory.info, "prepared": str(root)}
@@ -42,7 +50,7 @@ def assert_same_as_in_memory(config, root):
 
 def assert_eval_same_as_in_memory(config, root, codec, split, batch_size):
     memory = build_eval(config, codec=codec, split=split, batch_size=batch_size)
-    prepared = build_eval(PreparedDataConfig(path=str(root)), codec=codec, split=split,
+    prepared = build_eval(prepared_config(root, config), codec=codec, split=split,
                           batch_size=batch_size)
     assert (prepared.num_batches, prepared.counts) == (memory.num_batches, memory.counts)
     assert_batches_equal(memory.batches(), prepared.batches())
