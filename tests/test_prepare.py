@@ -293,16 +293,36 @@ def test_damaged_prepared_data_is_refused_before_training(tmp_path):
 
 def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path):
     (tmp_path / "corpus.txt").write_text("".join(_documents(40)), encoding="utf-8")
-    script = tmp_path / "unguarded.py"  # spawned workers import it again, as __mp_main__
+    script = tmp_path / "unguarded.py"  # spawned BPE workers import it again, as __mp_main__
     script.write_text(f"""
 from chainrule.data import documents, prepare
 from chainrule.data.text import TextDataConfig, prepare_text_data
 documents.PIECE_BYTES, documents.MAX_PIECE_BYTES, prepare.UNIT_CHARS = 2048, 8192, 6000
 config = TextDataConfig(source="text_file", path={str(tmp_path / 'corpus.txt')!r},
-                        prepare_workers=2)
+                        tokenizer="bpe", bpe_vocab_size=300, prepare_workers=2)
 prepare_text_data(config, prepare.Path({str(tmp_path / 'out')!r}))
 """)
     result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode != 0
     assert 'must guard its entry point with `if __name__ == "__main__":`' in result.stderr
+
+
+def test_shards_read_slices_and_gathers_across_files(tmp_path):
+    from chainrule.data.prepared import Shards, write_shard
+
+    data = np.arange(50, dtype=np.uint16) * 7
+    shards = [write_shard(tmp_path, f"s{k}.bin", data[a:b])
+              for k, (a, b) in enumerate([(0, 13), (13, 13), (13, 40), (40, 50)])]
+    view = Shards(tmp_path, shards, "uint16", out_dtype=np.int32)
+    assert len(view) == 50 and view[:].dtype == np.int32
+    for a, b in [(0, 50), (5, 20), (13, 14), (39, 41), (49, 50), (20, 20)]:
+        assert np.array_equal(view[a:b], data[a:b])
+    index = np.array([[49, 0, 12, 13, 13], [40, 39, 38, 1, 2]])
+    assert np.array_equal(view[index], data[index])
+    assert view[17] == data[17]
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(6, 2, 2)
+    records = Shards(tmp_path, [write_shard(tmp_path, "img.bin", images)], "uint8", (2, 2))
+    assert np.array_equal(records[np.array([5, 0, 5])], images[[5, 0, 5]])
+    with pytest.raises(IndexError):
+        view[np.array([50])]

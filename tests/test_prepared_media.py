@@ -109,7 +109,7 @@ def test_clip_codes_read_lazily(synthetic_dir):
     manifest = json.loads((synthetic_dir / "manifest.json").read_text())
     clips = _split_clips(synthetic_dir, manifest, "val", None)
     assert isinstance(clips.codes, ClipCodes) and len(clips.codes) == 32
-    assert clips.codes.flat._maps is None  # nothing read until a clip is asked for
+    assert clips.codes.flat._files is None  # nothing opened until a clip is asked for
     np.testing.assert_array_equal(clip_lengths(clips.codes), [8000] * 32)
     assert clips.codes[-1].shape == (8000,) and clips.codes[31].dtype == np.uint8
     with pytest.raises(IndexError):

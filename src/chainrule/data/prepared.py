@@ -10,7 +10,7 @@
                                as μ-law codes; plus per-split index arrays (document starts,
                                clip offsets, labels)
 
-Training reads shards through `Shards`, a random-access view of memory-mapped files: RAM
+Training reads shards through `Shards`, random access by `os.pread` over the files: RAM
 follows the batch, not the corpus, and a Grain worker that unpickles one reopens the files
 instead of copying them. A shard whose size or checksum disagrees with the manifest, or a
 manifest of a newer format, is a one-line error before anything is trained.
@@ -78,7 +78,11 @@ def write_shard(root: Path, rel: str, array: np.ndarray) -> dict[str, Any]:
 
 class Shards:
     """Shard files of one array, read as one: `len`, slices and integer-array indexing along
-    the leading axis (records of `shape` each), returning numpy arrays of `dtype`."""
+    the leading axis (records of `shape` each), returning numpy arrays of `out_dtype`.
+
+    Reads are `os.pread`s of exactly the records asked for, not a memory map: a mapped file
+    read at random places grows the process's resident memory by whole page-cache folios
+    (megabytes per window on this kernel), while a read copies only the window."""
 
     def __init__(self, root: Path, shards: Sequence[dict[str, Any]], dtype: str,
                  shape: Sequence[int] = (), out_dtype: Any = None):
@@ -87,18 +91,25 @@ class Shards:
         self.dtype = np.dtype(dtype)
         self.shape = tuple(shape)
         self.out_dtype = np.dtype(out_dtype) if out_dtype is not None else self.dtype
+        self.record_bytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
         counts = np.array([s["count"] for s in self.shards], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._maps: list[np.ndarray] | None = None
+        self._files: list[int] | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # pickled by path: workers reopen the files
-        return {**self.__dict__, "_maps": None}
+        return {**self.__dict__, "_files": None}
 
-    def _arrays(self) -> list[np.ndarray]:
-        if self._maps is None:
-            self._maps = [np.memmap(self.root / s["file"], self.dtype, "r",
-                                    shape=(s["count"], *self.shape)) for s in self.shards]
-        return self._maps
+    def __del__(self) -> None:
+        for fd in self.__dict__.get("_files") or ():
+            os.close(fd)
+
+    def _read(self, k: int, lo: int, hi: int) -> np.ndarray:
+        """Records lo..hi-1 of shard k."""
+        if self._files is None:
+            self._files = [os.open(self.root / s["file"], os.O_RDONLY) for s in self.shards]
+        data = os.pread(self._files[k], int(hi - lo) * self.record_bytes,
+                        int(lo) * self.record_bytes)
+        return np.frombuffer(data, self.dtype).reshape(-1, *self.shape)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -109,37 +120,40 @@ class Shards:
 
     def __getitem__(self, index: Any) -> np.ndarray:
         if isinstance(index, slice):
-            return self._slice(*index.indices(len(self))[:2])
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise IndexError("Shards are read in contiguous slices (step 1) only")
+            return self._slice(start, stop)
         if isinstance(index, (int, np.integer)):
             return self._gather(np.array([index]))[0]
         return self._gather(np.asarray(index))
 
     def _slice(self, start: int, stop: int) -> np.ndarray:
-        maps = self._arrays()
         first = int(np.searchsorted(self.offsets, start, "right")) - 1
         parts, at = [], start
-        for k in range(max(first, 0), len(maps)):
+        for k in range(max(first, 0), len(self.shards)):
             if at >= stop:
                 break
-            lo = at - self.offsets[k]
-            hi = min(stop, self.offsets[k + 1]) - self.offsets[k]
-            parts.append(maps[k][lo:hi])
-            at = self.offsets[k] + hi
+            hi = min(stop, self.offsets[k + 1])
+            parts.append(self._read(k, at - self.offsets[k], hi - self.offsets[k]))
+            at = hi
         if not parts:
             return np.zeros((0, *self.shape), self.out_dtype)
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(self.out_dtype)
 
     def _gather(self, index: np.ndarray) -> np.ndarray:
-        flat = index.reshape(-1).astype(np.int64)
-        if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+        """Any indices: each run of consecutive distinct indices is one read."""
+        wanted, inverse = np.unique(index.reshape(-1).astype(np.int64), return_inverse=True)
+        if wanted.size and (wanted[0] < 0 or wanted[-1] >= len(self)):
             raise IndexError(f"index out of range for {len(self)} records")
-        maps = self._arrays()
-        shard = np.searchsorted(self.offsets, flat, "right") - 1
-        out = np.empty((flat.size, *self.shape), self.out_dtype)
-        for k in np.unique(shard):
-            chosen = shard == k
-            out[chosen] = maps[k][flat[chosen] - self.offsets[k]]
-        return out.reshape(*index.shape, *self.shape)
+        shard = np.searchsorted(self.offsets, wanted, "right") - 1
+        breaks = np.flatnonzero((np.diff(wanted) != 1) | (np.diff(shard) != 0)) + 1
+        firsts, lasts = np.append(0, breaks), np.append(breaks, wanted.size)
+        parts = [self._read(shard[a], wanted[a] - self.offsets[shard[a]],
+                            wanted[b - 1] + 1 - self.offsets[shard[a]])
+                 for a, b in zip(firsts, lasts, strict=True) if b > a]
+        values = np.concatenate(parts) if parts else np.zeros((0, *self.shape), self.dtype)
+        return values[inverse].astype(self.out_dtype).reshape(*index.shape, *self.shape)
 
 
 def _bad(where: Path, message: str) -> ValueError:
