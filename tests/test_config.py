@@ -15,10 +15,10 @@ CONF = Path(CONF_DIR)
 GROUPS = ["model", "data", "optimizer", "sampler", "hardware", "logger", "debug", "experiment"]
 # Data that a given option needs beside it (an image set needs an image model, ...).
 FAMILY_OF_DATA = {"TextDataConfig": "transformer", "ImageDataConfig": "pixelcnn",
-                  "AudioDataConfig": "wavenet"}
+                  "AudioDataConfig": "wavenet", "PreparedDataConfig": "transformer"}
 NEEDS_PATH = {"text_file": ["data.path=README.md"], "image_folder": ["data.path=."],
               "wav_folder": ["data.path=."], "mnist": [], "cifar10": ["data.path=."],
-              "speculative": ["sampler.draft_checkpoint=."],
+              "speculative": ["sampler.draft_checkpoint=."], "prepared": ["data.path=."],
               "gpt2_prefix_tune": ["init_from=.", "data.path=README.md"],
               "gpt2_lora_tune": ["init_from=.", "data.path=README.md"]}
 

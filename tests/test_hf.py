@@ -301,3 +301,11 @@ def test_export_cli_merges_lora_and_sample_cli_reads_hf(tiny_hf, tmp_path):
                   f"output={tmp_path / 'samples'}")
     assert sampled.returncode == 0, sampled.stderr
     assert "the quick" in sampled.stdout
+
+
+def test_evaluate_refuses_an_hf_directory_in_one_line(tiny_hf):
+    from chainrule.evaluation import EvaluateConfig, evaluate
+
+    with pytest.raises(ValueError, match="is a Hugging Face model directory: it holds no data "
+                                         "config to score"):
+        evaluate(EvaluateConfig(checkpoint=str(tiny_hf[0]), progress=False, wandb=False))

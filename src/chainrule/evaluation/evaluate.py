@@ -27,6 +27,7 @@ from chainrule.data.evaluation import build_eval
 from chainrule.evaluation.config import EvaluateConfig
 from chainrule.evaluation.report import metrics
 from chainrule.evaluation.score import Scorer
+from chainrule.models.hf import is_pretrained_dir
 from chainrule.rundir import RunDir, write_json_atomic
 from chainrule.tracking import LoggerConfig, Tracker
 from chainrule.training.restore import load_run, read_record
@@ -78,6 +79,10 @@ def _fit_batch(size: int, mesh, rules) -> int:
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     run_dir = RunDir.existing(config.checkpoint)
+    if is_pretrained_dir(run_dir.path):
+        raise ValueError(f"checkpoint={config.checkpoint} is a Hugging Face model directory: it "
+                         "holds no data config to score; evaluate a run trained from it "
+                         "(train.py init_from=...)")
     saved = read_record(run_dir)["config"]
     data = data_config(saved, config.data)
     requested = config.batch_size or BATCH_FACTOR * saved["data"]["batch_size"]
