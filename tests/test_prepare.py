@@ -291,6 +291,7 @@ def test_damaged_prepared_data_is_refused_before_training(tmp_path):
         build_data(PreparedDataConfig(path=str(tmp_path)))
 
 
+@pytest.mark.slow  # two spawned processes start up: ~5 s
 def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path):
     (tmp_path / "corpus.txt").write_text("".join(_documents(40)), encoding="utf-8")
     script = tmp_path / "unguarded.py"  # spawned BPE workers import it again, as __mp_main__
