@@ -74,11 +74,10 @@ from chainrule.data.prepare import (
 from chainrule.data.prepared import (
     Shards,
     array_entry,
-    read_manifest,
+    open_prepared,
     register_prepared_kind,
     smallest_uint,
     split_array,
-    verify,
     write_shard,
 )
 
@@ -649,19 +648,6 @@ def prepare_audio_data(config: AudioDataConfig, out: Path | None = None) -> Path
     return out
 
 
-def _open_prepared(root: Path, codec: Codec | None) -> dict[str, Any]:
-    """A prepared audio directory's manifest, its shards checked; a run's codec must be the
-    data's."""
-    manifest = read_manifest(root)
-    if manifest["kind"] != "audio":
-        raise ValueError(f"prepared data {root} holds {manifest['kind']}, not audio")
-    verify(root, manifest)
-    if codec is not None and codec.to_json() != manifest["codec"]:
-        raise ValueError(f"prepared data {root} holds audio {manifest['codec']}; the run's "
-                         f"model was trained on {codec.to_json()}")
-    return manifest
-
-
 def _split_clips(root: Path, manifest: dict[str, Any], split: str, out_dtype: Any) -> Clips:
     """One split's clips, read lazily; offsets and labels (a few bytes a clip) in memory."""
     arrays = manifest["splits"][split]["arrays"]
@@ -676,7 +662,7 @@ def audio_bundle(config: AudioDataConfig, root: Path, *, codec: Codec | None = N
                  process_index: int = 0, process_count: int = 1) -> DataBundle:
     """The pipeline over a prepared audio directory: crops read from the memory-mapped codes
     (RAM follows the batch), bitwise those `build_audio_data` makes of the source."""
-    manifest = _open_prepared(root, codec)
+    manifest = open_prepared(root, "audio", codec and codec.to_json())
     # Stored dtype, as in memory: the crops widen to int32 themselves.
     splits = {s: _split_clips(root, manifest, s, None) for s in manifest["splits"]}
     seconds = {s: part["counts"]["seconds"] for s, part in manifest["splits"].items()}
@@ -686,7 +672,7 @@ def audio_bundle(config: AudioDataConfig, root: Path, *, codec: Codec | None = N
 
 def _prepared_clips(root: Path, split: str) -> tuple[Any, Any, list[str] | None]:
     """`_memory_clips` from a prepared directory: lazy clips served as int32."""
-    manifest = _open_prepared(root, None)
+    manifest = open_prepared(root, "audio")
     chosen = [_split_clips(root, manifest, s, np.int32) for s in SPLITS
               if split in (s, "all") and s in manifest["splits"]]
     codes = functools.reduce(ClipCodes.concat, [c.codes for c in chosen])

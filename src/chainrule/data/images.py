@@ -64,10 +64,9 @@ from chainrule.data.prepare import (
 from chainrule.data.prepared import (
     Shards,
     array_entry,
-    read_manifest,
+    open_prepared,
     register_prepared_kind,
     split_array,
-    verify,
     write_shard,
 )
 
@@ -725,19 +724,6 @@ def prepare_image_data(config: ImageDataConfig, out: Path | None = None) -> Path
     return out
 
 
-def _open_prepared(root: Path, codec: Codec | None) -> dict[str, Any]:
-    """A prepared image directory's manifest, its shards checked; a run's codec must be the
-    data's."""
-    manifest = read_manifest(root)
-    if manifest["kind"] != "image":
-        raise ValueError(f"prepared data {root} holds {manifest['kind']}, not images")
-    verify(root, manifest)
-    if codec is not None and codec.to_json() != manifest["codec"]:
-        raise ValueError(f"prepared data {root} holds images {manifest['codec']}; the run's "
-                         f"model was trained on {codec.to_json()}")
-    return manifest
-
-
 def _arrays(root: Path, manifest: dict[str, Any], split: str) -> tuple[Shards, Shards | None]:
     """One split's images and labels (None without), memory-mapped, served as int32."""
     images = split_array(root, manifest, split, "images", np.int32)
@@ -750,7 +736,7 @@ def image_bundle(config: ImageDataConfig, root: Path, *, codec: Codec | None = N
                  process_index: int = 0, process_count: int = 1) -> DataBundle:
     """The pipeline over a prepared image directory: batches gathered from the memory-mapped
     shards (RAM follows the batch), bitwise those `build_image_data` makes of the source."""
-    manifest = _open_prepared(root, codec)
+    manifest = open_prepared(root, "image", codec and codec.to_json())
     counts = {s: manifest["splits"].get(s, {}).get("counts", {}).get("images", 0)
               for s in SPLITS}
     codec = ImageCodec.from_json(manifest["codec"])
@@ -763,7 +749,7 @@ def image_bundle(config: ImageDataConfig, root: Path, *, codec: Codec | None = N
 
 def _prepared_split(config: ImageDataConfig, root: Path, split: str) -> tuple[Any, Any, str]:
     """`_memory_split` from a prepared directory: the split's shards, not the source."""
-    manifest = _open_prepared(root, None)
+    manifest = open_prepared(root, "image")
     names = [s for s in manifest["splits"] if split in (s, "all")]
     if not names:
         raise _no_split(config, split, manifest["split"], manifest["splits"])

@@ -179,6 +179,21 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def open_prepared(root: str | Path, kind: str, codec_json: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """The manifest of a prepared directory of `kind`, its shards checked (`verify`); with a
+    run's codec, it must be the one the data was prepared with."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest["kind"] != kind:
+        raise _bad(root, f"holds {manifest['kind']} data, not {kind}")
+    verify(root, manifest)
+    if codec_json is not None and manifest.get("codec") not in (None, codec_json):
+        raise _bad(root, f"holds {kind} coded as {manifest['codec']}; the run's model was "
+                         f"trained on {codec_json}")
+    return manifest
+
+
 def all_shards(manifest: dict[str, Any]) -> list[dict[str, Any]]:
     """Every file the manifest lists, shards and index arrays alike."""
     out = []

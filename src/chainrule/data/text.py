@@ -48,10 +48,9 @@ from chainrule.data.prepare import (
 )
 from chainrule.data.prepared import (
     MANIFEST,
-    read_manifest,
+    open_prepared,
     register_prepared_kind,
     split_array,
-    verify,
 )
 from chainrule.data.tokenizers import (
     KINDS,
@@ -117,24 +116,12 @@ def read_text_path(path: str | Path, glob: str = "*.txt") -> str:
 
     A relative path is taken relative to the current directory.
     """
-    p = Path(path).expanduser()
-    resolved = p.resolve()
-    if not p.exists():
-        raise ValueError(f"text path {str(path)!r} (resolved to {resolved}) does not exist; "
-                         f"expected a text file or a folder of {glob!r} files")
-    if p.is_dir():
-        files = sorted(f for f in p.glob(glob) if f.is_file())
-        if not files:
-            raise ValueError(f"text folder {resolved} has no files matching {glob!r}; "
-                             "expected at least one non-empty text file")
-        text = "".join(f.read_text(encoding="utf-8") for f in files)
-        if not text:
-            raise ValueError(f"the {len(files)} files matching {glob!r} in {resolved} are all "
-                             "empty; expected some text")
-        return text
-    text = p.read_text(encoding="utf-8")
+    files = text_files(path, glob)
+    text = "".join(f.read_text(encoding="utf-8") for f in files)
     if not text:
-        raise ValueError(f"text file {resolved} is empty; expected some text")
+        shown = (f"the {len(files)} files matching {glob!r} in {files[0].parent.resolve()} are "
+                 "all" if Path(path).expanduser().is_dir() else f"text file {files[0].resolve()} is")
+        raise ValueError(f"{shown} empty; expected some text")
     return text
 
 
@@ -382,13 +369,10 @@ def prepare_key(config: TextDataConfig, files: list[Path], tokenizer: Tokenizer 
                      **_preparation(config, tokenizer).key_fields()})
 
 
-def open_prepared(root: Path, codec: Codec | None) -> tuple[dict[str, Any], Tokenizer]:
+def _open_text(root: Path, codec: Codec | None) -> tuple[dict[str, Any], Tokenizer]:
     """A prepared text directory's manifest (its shards checked) and its tokenizer, which
     must be the run's when the run has one."""
-    manifest = read_manifest(root)
-    if manifest["kind"] != "text":
-        raise ValueError(f"prepared data {root} holds {manifest['kind']}, not text")
-    verify(root, manifest)
+    manifest = open_prepared(root, "text")
     tokenizer = load_tokenizer(root / manifest["tokenizer"])
     if codec is not None and codec.to_json() != TextCodec(tokenizer).to_json():
         raise ValueError(f"prepared data {root} was tokenized with another tokenizer than the "
@@ -401,7 +385,7 @@ def text_bundle(config: TextDataConfig, root: Path, *, codec: Codec | None = Non
                 process_index: int = 0, process_count: int = 1) -> DataBundle:
     """The pipeline over a prepared text directory: memory-mapped tokens, this process's
     windows (RAM follows the batch, not the corpus)."""
-    manifest, tokenizer = open_prepared(root, codec)
+    manifest, tokenizer = _open_text(root, codec)
     train = split_array(root, manifest, "train", "tokens", np.int32)
     val_tokens = split_array(root, manifest, "val", "tokens", np.int32)
     window = config.sequence_length + 1
@@ -472,7 +456,7 @@ def text_eval(config: TextDataConfig, *, codec: Codec, split: str, batch_size: i
         raise ValueError(f"the run's codec is for {codec.kind}, not text; evaluate it on its "
                          "own kind of data")
     root = root or prepare_text_data(config, tokenizer=_check_codec(config, codec))
-    manifest, _ = open_prepared(root, codec)
+    manifest, _ = _open_text(root, codec)
     tokens, counts = _scored_tokens(config, root, manifest, split)
     length = config.sequence_length + 1
     windows = WindowBatches([tokens], length, default_stride(length, stride), batch_size,
