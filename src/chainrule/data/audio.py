@@ -32,7 +32,7 @@ The pipeline serves
   val_batches:  fixed crops of the validation clips, the same at every evaluation.
 
 Prepared (`prepare_audio_data`, then `data=prepared data.path=<dir>`): each split's clips end to
-end as μ-law codes, their offsets and labels in shards; crops are read memory-mapped (`ClipCodes`),
+end as μ-law codes, their offsets and labels in shards; crops are read from the shards (`ClipCodes`),
 bitwise the in-memory batches. Synthetic clips are as long as the prepared sequence_length made
 them (a longer data.sequence_length later pads, masked).
 """
@@ -288,7 +288,7 @@ def synthetic_clip(rng: np.random.Generator, pitch_class: int, length: int,
 
 class ClipCodes:
     """Clips stored end to end (prepared audio): clip i is flat[offsets[i]:offsets[i + 1]],
-    read from the memory-mapped shards only when asked for, so RAM follows the batch."""
+    read from the shards only when asked for, so RAM follows the batch."""
 
     def __init__(self, flat: Shards, offsets: np.ndarray):
         self.flat, self.offsets = flat, np.asarray(offsets, np.int64)
@@ -660,7 +660,7 @@ def _split_clips(root: Path, manifest: dict[str, Any], split: str, out_dtype: An
 
 def audio_bundle(config: AudioDataConfig, root: Path, *, codec: Codec | None = None,
                  process_index: int = 0, process_count: int = 1) -> DataBundle:
-    """The pipeline over a prepared audio directory: crops read from the memory-mapped codes
+    """The pipeline over a prepared audio directory: crops read from the shards of codes
     (RAM follows the batch), bitwise those `build_audio_data` makes of the source."""
     manifest = open_prepared(root, "audio", codec and codec.to_json())
     # Stored dtype, as in memory: the crops widen to int32 themselves.

@@ -26,7 +26,7 @@ Grain iterator of {"images": int32 [B, H, W, C], "labels": int32 [B]}; validatio
 of such batches drawn from a fixed permutation of the validation split.
 
 Prepared (`prepare_image_data`, then `data=prepared data.path=<dir>`): each split's levels as uint8
-records [H, W, C] plus int32 labels in shards, gathered memory-mapped into bitwise the same
+records [H, W, C] plus int32 labels in shards, gathered from the files into bitwise the same
 batches; `data=digits` etc. still load their (small) source in memory.
 """
 
@@ -582,7 +582,7 @@ def _bundle(config: ImageDataConfig, train: tuple[Any, Any], val: tuple[Any, Any
                                      num_batches=config.val_batches,
                                      process_index=process_index, process_count=process_count)
     return DataBundle(
-        # Gathers are cheap (in memory, or a few memory-mapped records): one background
+        # Gathers are cheap (in memory, or a few records read from the shards): one background
         # thread keeps two batches ready.
         train=iterate(ds, prefetch=2, num_workers=config.num_workers),
         val_batches=val_batches,
@@ -725,7 +725,7 @@ def prepare_image_data(config: ImageDataConfig, out: Path | None = None) -> Path
 
 
 def _arrays(root: Path, manifest: dict[str, Any], split: str) -> tuple[Shards, Shards | None]:
-    """One split's images and labels (None without), memory-mapped, served as int32."""
+    """One split's images and labels (None without), read from the shards, served as int32."""
     images = split_array(root, manifest, split, "images", np.int32)
     has_labels = "labels" in manifest["splits"][split]["arrays"]
     return images, (split_array(root, manifest, split, "labels", np.int32) if has_labels
@@ -734,7 +734,7 @@ def _arrays(root: Path, manifest: dict[str, Any], split: str) -> tuple[Shards, S
 
 def image_bundle(config: ImageDataConfig, root: Path, *, codec: Codec | None = None,
                  process_index: int = 0, process_count: int = 1) -> DataBundle:
-    """The pipeline over a prepared image directory: batches gathered from the memory-mapped
+    """The pipeline over a prepared image directory: batches gathered from the
     shards (RAM follows the batch), bitwise those `build_image_data` makes of the source."""
     manifest = open_prepared(root, "image", codec and codec.to_json())
     counts = {s: manifest["splits"].get(s, {}).get("counts", {}).get("images", 0)

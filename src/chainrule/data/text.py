@@ -5,7 +5,7 @@ JSONL(.gz) or Parquet file / folder of files (documents.py). The text is split b
 into train, validation and test parts (the last `test_fraction` is test, the `val_fraction`
 before it validation, the rest train; nanoGPT keeps the last 10% for validation) and prepared
 once into token shards in the data cache (prepare.py; reused while the sources are unchanged).
-The shards are read memory-mapped and served as
+The shards are read window by window (`Shards`: os.pread) and served as
   train:        an infinite, checkpointable Grain iterator of windows of sequence_length + 1
                 tokens at uniformly random offsets, {"sequences": int32 [B, T + 1]} (with
                 cross_documents=false: windows inside one document, plus a "loss_mask");
@@ -243,7 +243,7 @@ def train_dataset(tokens: Any, *, window: int, batch_size: int, seed: int,
     """Infinite MapDataset of {"sequences": int32 [batch_size, window]} random-window batches
     (`doc_starts` given: windows inside documents, with a "loss_mask").
 
-    `tokens`: an array or `Shards` (memory-mapped). Element i's window comes from a generator
+    `tokens`: an array or `Shards` (read from disk). Element i's window comes from a generator
     seeded by (seed, i); process p keeps the elements p, p + P, p + 2P, ..., so processes draw
     disjoint streams and read only their own windows.
     """
@@ -383,7 +383,7 @@ def _open_text(root: Path, codec: Codec | None) -> tuple[dict[str, Any], Tokeniz
 
 def text_bundle(config: TextDataConfig, root: Path, *, codec: Codec | None = None,
                 process_index: int = 0, process_count: int = 1) -> DataBundle:
-    """The pipeline over a prepared text directory: memory-mapped tokens, this process's
+    """The pipeline over a prepared text directory: tokens read from the shards, this process's
     windows (RAM follows the batch, not the corpus)."""
     manifest, tokenizer = _open_text(root, codec)
     train = split_array(root, manifest, "train", "tokens", np.int32)
@@ -425,7 +425,7 @@ def text_bundle(config: TextDataConfig, root: Path, *, codec: Codec | None = Non
 def build_text_data(config: TextDataConfig, *, codec: Codec | None = None,
                     process_index: int = 0, process_count: int = 1) -> DataBundle:
     """Text prepared once into the data cache (reused while the sources are unchanged), then
-    read memory-mapped."""
+    read window by window."""
     root = prepare_text_data(config, tokenizer=_check_codec(config, codec))
     return text_bundle(config, root, codec=codec, process_index=process_index,
                        process_count=process_count)
