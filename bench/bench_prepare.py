@@ -12,7 +12,8 @@ For generated word-salad corpora (lines, blank lines, some non-ASCII) of each si
             corpus (host time waiting for a batch / wall time);
   nanoGPT   its prepare.py recipe on the 100 MB corpus: read the whole file, tiktoken's
             encode_ordinary, write uint16, with the same BPE vocabulary as chainrule's (tiktoken's
-            GPT-2 files need a download; this compares the method, not the vocabulary).
+            GPT-2 files need a download; this compares the method, not the vocabulary). Needs
+            `pip install tiktoken`; skipped without it.
 Figures go to bench/results/prepare.json.
 """
 
