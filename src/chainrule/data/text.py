@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import os
 import re
 from pathlib import Path
@@ -48,6 +47,7 @@ from chainrule.data.prepare import (
 )
 from chainrule.data.prepared import (
     MANIFEST,
+    Shards,
     open_prepared,
     register_prepared_kind,
     split_array,
@@ -355,8 +355,8 @@ def prepare_text_data(config: TextDataConfig, out: Path | None = None, *,
     if tokenizer is not None and out is None:  # the data as prepared for a new run may do
         plain = prepare_key(config, files, None)
         root = cache_root(config.cache_dir) / f"text-{plain}"
-        if (root / MANIFEST).is_file() and tokenizer_from_json(
-                json.loads((root / "tokenizer.json").read_text())).to_json() == tokenizer.to_json():
+        if (root / MANIFEST).is_file() and \
+                load_tokenizer(root / "tokenizer.json").to_json() == tokenizer.to_json():
             return root
     key = prepare_key(config, files, tokenizer)
     out = out or cache_root(config.cache_dir) / f"text-{key}"
@@ -434,7 +434,7 @@ def build_text_data(config: TextDataConfig, *, codec: Codec | None = None,
 def _scored_tokens(config: TextDataConfig, root: Path, manifest: dict[str, Any], split: str):
     if split == "all":
         parts = [split_array(root, manifest, s, "tokens", np.int32) for s in SPLITS]
-        return functools.reduce(lambda a, b: a.concat(b), parts), \
+        return functools.reduce(Shards.concat, parts), \
             {k: sum(manifest["splits"][s]["counts"][k] for s in SPLITS)
              for k in ("characters", "bytes")}
     if not manifest["splits"][split]["counts"]["tokens"]:  # test_fraction = 0
